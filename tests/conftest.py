@@ -1,0 +1,42 @@
+"""Shared test fixtures: scoped float64 mode, GPU skipping, random inputs."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+
+def _gpu_visible() -> bool:
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_visible():
+        return
+    skip = pytest.mark.skip(reason="no GPU visible to JAX")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def x64():
+    """Run one test with jax_enable_x64 on, restoring the previous value after it."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def random_qkv(seed, batch, height, width, scale, dim, channels, dtype=np.float32, magnitude=1.0):
+    """NumPy q (B, sH, sW, d), k (B, H, W, d), v (B, H, W, C) with entries of size `magnitude`."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, height * scale, width * scale, dim)) * magnitude
+    k = rng.standard_normal((batch, height, width, dim)) * magnitude
+    v = rng.standard_normal((batch, height, width, channels))
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
