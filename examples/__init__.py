@@ -1,0 +1,1 @@
+"""Runnable examples for sapa-jax (not part of the installed package)."""
