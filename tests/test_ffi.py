@@ -1,0 +1,244 @@
+"""The fused CPU kernel (impl="ffi") against the jnp reference (impl="xla").
+
+Every new shape is a new XLA compile, so the option matrix is covered pairwise by a dozen
+cases rather than by a cross product.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import sapa_jax
+from sapa_jax import _ffi
+
+from conftest import random_qkv
+
+pytestmark = pytest.mark.skipif(not sapa_jax.ffi_available("cpu"),
+                                reason="the SAPA CPU FFI kernel is not built")
+
+# (normalizer, border, scale, kernel_size, batch, height, width, d, C)
+F32_CASES = [
+    ("softmax", "zeros", 2, 5, 2, 5, 7, 6, 9),
+    ("softmax", "valid", 1, 3, 1, 4, 6, 3, 5),
+    ("relu", "zeros", 3, 7, 1, 2, 3, 17, 33),      # map smaller than the kernel
+    ("relu", "valid", 4, 1, 5, 3, 2, 4, 8),
+    ("sigmoid", "zeros", 1, 9, 1, 5, 4, 8, 3),
+    ("sigmoid", "valid", 2, 7, 2, 2, 3, 5, 7),     # map smaller than the kernel
+    ("softplus", "zeros", 4, 3, 1, 3, 3, 33, 17),
+    ("softplus", "valid", 3, 5, 5, 3, 4, 2, 77),   # channel blocks, vectors and a scalar tail
+    ("softmax", "zeros", 2, 9, 1, 3, 17, 32, 40),  # 34 output columns: two lane blocks
+    ("softmax", "valid", 3, 5, 2, 7, 5, 12, 64),
+]
+
+
+def _inputs(case, dtype=np.float32, seed=0):
+    normalizer, border, scale, kernel_size, batch, height, width, dim, channels = case
+    # q, k of size d**-1/4 keep the logits O(1), so the comparison tests the kernel rather than
+    # the conditioning of a peaked softmax.
+    q, k, v = random_qkv(seed, batch, height, width, scale, dim, channels, dtype=dtype,
+                         magnitude=dim ** -0.25)
+    opts = dict(kernel_size=kernel_size, scale=scale, normalizer=normalizer, border=border)
+    return (q, k, v), opts
+
+
+def _value_and_vjp(impl, args, opts, cot_dtype=None, seed=1):
+    """Output and (dq, dk, dv) for a random cotangent, drawn in float64 and rounded to
+    `cot_dtype` (default: the output's dtype), so that two calls can share its values.
+    Jitted: one compile per case instead of one per primitive."""
+    f = lambda q, k, v: sapa_jax.sapa_upsample(q, k, v, impl=impl, **opts)
+    out_shape = jax.eval_shape(f, *args)
+    cot = np.random.default_rng(seed).standard_normal(out_shape.shape)
+    cot = cot.astype(cot_dtype or out_shape.dtype).astype(out_shape.dtype)
+
+    @jax.jit
+    def run(args, cot):
+        out, vjp = jax.vjp(f, *args)
+        return (out, *vjp(cot))
+
+    return run(tuple(args), cot)
+
+
+def _assert_matches(args, opts, rtol, atol):
+    """The kernel in the inputs' dtype against the reference in float64 on the same values.
+
+    Needs the x64 fixture. A float64 reference measures the kernel's own error: the float32
+    reference has errors of its own of about 1e-4 in the gradients of the h-normalisers for
+    small sum h / eps, where autodiff of h / (S + eps) cancels (the kernel does not).
+    """
+    got = _value_and_vjp("ffi", args, opts)
+    want = _value_and_vjp("xla", [np.asarray(a, np.float64) for a in args], opts,
+                          cot_dtype=got[0].dtype)
+    for name, a, b, x in zip(("out", "dq", "dk", "dv"), got, want, (args[0], *args)):
+        assert a.dtype == x.dtype, name
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=atol,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("case", F32_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_matches_reference_f32(x64, case):
+    args, opts = _inputs(case)
+    _assert_matches(args, opts, rtol=1e-5, atol=1e-5)
+
+
+# About 2.5 ulps of the storage type: the kernel computes in float32, so its error is the
+# rounding of the inputs' gradients and of the output (one ulp at most, measured).
+@pytest.mark.parametrize("dtype, case, tol", [
+    (jnp.bfloat16, F32_CASES[0], 1e-2),
+    (np.float16, F32_CASES[3], 1.5e-3),
+    (jnp.bfloat16, F32_CASES[7], 1e-2),
+])
+def test_matches_reference_half(x64, dtype, case, tol):
+    args, opts = _inputs(case, dtype=dtype)
+    out = sapa_jax.sapa_upsample(*args, impl="ffi", **opts)
+    assert out.dtype == jnp.dtype(dtype)
+    _assert_matches(args, opts, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", [F32_CASES[5], F32_CASES[6]], ids=["sigmoid-valid", "softplus"])
+def test_matches_reference_f64(x64, case):
+    args, opts = _inputs(case, dtype=np.float64)
+    # eps travels as a float32 attribute: pick one that float32 represents exactly.
+    opts["eps"] = 2.0 ** -10
+    _assert_matches(args, opts, rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_dtypes_promote():
+    (q, k, v), opts = _inputs(F32_CASES[0])
+    q = q.astype(jnp.bfloat16)
+    out = sapa_jax.sapa_upsample(q, k, v, impl="ffi", **opts)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, sapa_jax.sapa_upsample(q, k, v, impl="xla", **opts),
+                               rtol=1e-5, atol=1e-5)
+    dq = jax.grad(lambda q: sapa_jax.sapa_upsample(q, k, v, impl="ffi", **opts).sum())(q)
+    assert dq.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("normalizer, border", [("softmax", "valid"), ("softplus", "zeros")])
+def test_check_grads_f64(x64, normalizer, border):
+    q, k, v = random_qkv(3, 1, 3, 2, 2, 3, 2, dtype=np.float64)
+    opts = dict(kernel_size=3, scale=2, normalizer=normalizer, border=border, eps=2.0 ** -10)
+    check_grads(lambda q, k, v: sapa_jax.sapa_upsample(q, k, v, impl="ffi", **opts),
+                (q, k, v), order=1, modes=["rev"])
+
+
+def test_backward_is_deterministic(monkeypatch):
+    # Big enough that the kernel splits the work over threads.
+    q, k, v = random_qkv(4, 2, 16, 16, 2, 16, 32)
+    opts = dict(kernel_size=5, scale=2, normalizer="softmax", border="zeros")
+    grad = jax.jit(jax.grad(
+        lambda q, k, v: jnp.sum(sapa_jax.sapa_upsample(q, k, v, impl="ffi", **opts) ** 2),
+        argnums=(0, 1, 2)))
+    monkeypatch.setenv("SAPA_JAX_NUM_THREADS", "4")
+    first = [np.asarray(g) for g in grad(q, k, v)]
+    second = [np.asarray(g) for g in grad(q, k, v)]
+    monkeypatch.setenv("SAPA_JAX_NUM_THREADS", "1")
+    single = [np.asarray(g) for g in grad(q, k, v)]
+    for a, b, c in zip(first, second, single):
+        assert np.array_equal(a, b)
+        assert np.array_equal(a, c)  # the thread count does not change a bit
+
+
+def test_jit_vmap_checkpoint():
+    (q, k, v), opts = _inputs(F32_CASES[1])
+    f = lambda impl: (lambda q, k, v: sapa_jax.sapa_upsample(q, k, v, impl=impl, **opts))
+    stack = lambda x: np.stack([x, 0.5 * x[::-1], -x])  # an extra leading axis of 3
+
+    ref = f("xla")(q, k, v)
+    np.testing.assert_allclose(jax.jit(f("ffi"))(q, k, v), ref, rtol=1e-5, atol=1e-5)
+
+    qs, ks, vs = stack(q), stack(k), stack(v)
+    np.testing.assert_allclose(jax.vmap(f("ffi"))(qs, ks, vs), jax.vmap(f("xla"))(qs, ks, vs),
+                               rtol=1e-5, atol=1e-5)
+    # Unbatched operands are broadcast; gradients flow through the batched call too.
+    shared = jax.vmap(f("ffi"), in_axes=(0, None, 0))(qs, k, vs)
+    np.testing.assert_allclose(shared, jax.vmap(f("xla"), in_axes=(0, None, 0))(qs, k, vs),
+                               rtol=1e-5, atol=1e-5)
+    loss = lambda impl: (lambda q, k, v: jnp.sum(jnp.sin(f(impl)(q, k, v))))
+    shared_grad = lambda impl: jax.grad(  # k shared by the batch: its gradient sums over it
+        lambda k: jnp.sum(jnp.sin(jax.vmap(f(impl), in_axes=(0, None, 0))(qs, k, vs))))(k)
+    np.testing.assert_allclose(shared_grad("ffi"), shared_grad("xla"), rtol=1e-5, atol=1e-5)
+    per_example = lambda impl: jax.jit(jax.vmap(jax.grad(loss(impl), argnums=(0, 1, 2))))
+    for a, b in zip(per_example("ffi")(qs, ks, vs), per_example("xla")(qs, ks, vs)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    plain = jax.grad(loss("ffi"), argnums=(0, 1, 2))(q, k, v)
+    remat = jax.jit(jax.grad(jax.checkpoint(loss("ffi")), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(plain, remat):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_large_logits_stay_finite():
+    # Entries of size 30 with d = 16: logits of order 1e4.
+    q, k, v = random_qkv(5, 1, 4, 5, 2, 16, 6, magnitude=30.0)
+    logits = sapa_jax.similarity(q, k, kernel_size=5, scale=2)
+    assert float(jnp.max(jnp.abs(logits))) > 5e3
+    for normalizer in ("softmax", "relu", "sigmoid", "softplus"):
+        opts = dict(kernel_size=5, scale=2, normalizer=normalizer, border="valid")
+        out, dq, dk, dv = _value_and_vjp("ffi", (q, k, v), opts)
+        for name, a in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv)):
+            assert np.all(np.isfinite(a)), (normalizer, name)
+
+
+def test_large_logits_match_reference_f64(x64):
+    q, k, v = random_qkv(5, 1, 4, 5, 2, 16, 6, dtype=np.float64, magnitude=30.0)
+    opts = dict(kernel_size=5, scale=2, normalizer="softmax", border="zeros")
+    _assert_matches((q, k, v), opts, rtol=1e-9, atol=1e-9)
+
+
+def test_all_zero_relu_window_gives_zero():
+    # q > 0 and k < 0: every inside logit is negative, outside ones are 0, so relu is 0 on the
+    # whole window; with eps = 0 the weights must be 0, not 0/0.
+    rng = np.random.default_rng(6)
+    q = np.abs(rng.standard_normal((1, 6, 4, 3))).astype(np.float32) + 0.1
+    k = -np.abs(rng.standard_normal((1, 3, 2, 3))).astype(np.float32) - 0.1
+    v = rng.standard_normal((1, 3, 2, 4)).astype(np.float32)
+    for border in ("zeros", "valid"):
+        opts = dict(kernel_size=3, scale=2, normalizer="relu", border=border, eps=0.0)
+        out, dq, dk, dv = _value_and_vjp("ffi", (q, k, v), opts)
+        assert np.array_equal(out, np.zeros_like(out))
+        for a in (dq, dk, dv):
+            assert np.array_equal(a, np.zeros_like(a))
+
+
+def _opts(kernel_size=3, scale=2, normalizer=0, border=0, eps=1e-6):
+    return _ffi.Options(kernel_size, scale, normalizer, border, eps)
+
+
+@pytest.mark.parametrize("shapes, opts, message", [
+    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 3, 2, 5)), _opts(), "v must have shape"),
+    (((1, 4, 4, 3), (1, 2, 2, 4), (1, 2, 2, 5)), _opts(), "k must have shape"),
+    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(scale=3), "not divisible by scale"),
+    (((2, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(), "k must have shape"),
+    (((4, 4, 3), (2, 2, 3), (2, 2, 5)), _opts(), "rank >= 4"),
+    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(kernel_size=4), "kernel_size"),
+    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(normalizer=7), "normalizer"),
+    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(border=2), "border"),
+    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(eps=-1.0), "eps"),
+])
+def test_bad_input_raises_instead_of_crashing(shapes, opts, message):
+    q, k, v = (jnp.ones(s, jnp.float32) for s in shapes)
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(_ffi.forward_call(q, k, v, opts))
+
+
+def test_bad_dtypes_raise():
+    q, k, v = jnp.ones((1, 4, 4, 3)), jnp.ones((1, 2, 2, 3), jnp.float16), jnp.ones((1, 2, 2, 5))
+    with pytest.raises(Exception, match="element type"):
+        jax.block_until_ready(_ffi.forward_call(q, k, v, _opts()))
+    qi = jnp.ones((1, 4, 4, 3), jnp.int32)
+    with pytest.raises(Exception, match="element type"):
+        jax.block_until_ready(_ffi.forward_call(qi, qi[:, :2, :2], qi[:, :2, :2], _opts()))
+
+
+def test_bad_backward_input_raises():
+    (q, k, v), opts = _inputs(F32_CASES[0])
+    o = _opts(kernel_size=opts["kernel_size"], scale=opts["scale"])
+    out, stats = _ffi.forward_call(q, k, v, o)
+    with pytest.raises(Exception, match="stats must have shape"):
+        jax.block_until_ready(_ffi.backward_call(q, k, v, stats[..., :1], out, o))
+    with pytest.raises(Exception, match="g must have shape"):
+        jax.block_until_ready(_ffi.backward_call(q, k, v, stats, out[:, :-1], o))
