@@ -1,0 +1,276 @@
+"""PyTorch state_dict <-> Flax parameters for SAPA.
+
+The official module's state_dict has keys `norm_y.weight`, `norm_y.bias`, `norm_x.*` (LayerNorm)
+and `q.*`, `k.*`, `qy.*`, `qx.*`, `gate.*`, `v.*` (Linear, weight (out, in)). The Flax tree uses
+the same names with `scale` for LayerNorm weights and `kernel` (in, out) for Linear weights,
+so conversion is a rename plus a transpose. torch is not imported here: torch tensors are
+recognised by their `detach`/`numpy` methods.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks, modules
+
+__all__ = ["from_torch", "to_torch", "module_options", "load_into_nnx", "expected_keys"]
+
+
+def _linear_groups(variant: str, value_proj: bool):
+    return list(modules.LINEAR_GROUPS[variant]) + (["v"] if value_proj else [])
+
+
+def expected_keys(*, variant: str, value_proj: bool = False, use_bias: bool = True) -> list[str]:
+    """The state_dict keys of the official module with these options."""
+    variant = _checks.check_choice("variant", variant, _checks.VARIANTS)
+    keys = [f"{g}.{leaf}" for g in modules.NORM_GROUPS for leaf in ("weight", "bias")]
+    for g in _linear_groups(variant, value_proj):
+        keys.append(f"{g}.weight")
+        if use_bias:
+            keys.append(f"{g}.bias")
+    return keys
+
+
+def _to_numpy(name: str, value) -> np.ndarray:
+    """A torch tensor (any device, requires_grad or not) or array-like -> NumPy array."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # torch.Tensor
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: reinterpret bits
+            import ml_dtypes
+            import torch
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise TypeError(f"state_dict[{name!r}] must be a torch tensor or an array, "
+                        f"got {type(value).__name__}")
+    array = np.asarray(value)
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise TypeError(f"state_dict[{name!r}] must have a floating dtype, got {array.dtype}")
+    return array
+
+
+def _select(state_dict, prefix: str) -> dict:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, "
+                        f"got {type(state_dict).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {_checks._describe(prefix)}")
+    return {key[len(prefix):]: value for key, value in state_dict.items()
+            if isinstance(key, str) and key.startswith(prefix)}
+
+
+def _infer_flags(keys, variant: str, use_bias, value_proj):
+    """use_bias / value_proj from the keys present, unless the caller fixed them."""
+    if value_proj is None:
+        value_proj = any(k.startswith("v.") for k in keys)
+    else:
+        value_proj = modules._check_bool("value_proj", value_proj)
+    if use_bias is None:
+        linears = _linear_groups(variant, value_proj)
+        # Without Linear layers (variant I, no v) use_bias changes nothing: keep the default.
+        use_bias = not linears or any(f"{g}.bias" in keys for g in linears)
+    else:
+        use_bias = modules._check_bool("use_bias", use_bias)
+    return use_bias, value_proj
+
+
+def _check_keys(keys, variant, use_bias, value_proj):
+    expected = expected_keys(variant=variant, value_proj=value_proj, use_bias=use_bias)
+    missing = [k for k in expected if k not in keys]
+    unexpected = sorted(k for k in keys if k not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        raise ValueError(
+            f"state_dict does not match a SAPA module with variant={variant!r}, "
+            f"use_bias={use_bias}, value projection={value_proj}: " + "; ".join(parts)
+            + f" (expected exactly {expected})")
+
+
+def _shape(arrays, key, rank):
+    value = arrays[key]
+    if value.ndim != rank:
+        raise ValueError(f"state_dict[{key!r}] must have rank {rank}, "
+                         f"got shape {tuple(value.shape)}")
+    return value.shape
+
+
+def module_options(state_dict, *, variant: str, prefix: str = "", use_bias=None,
+                   value_proj=None) -> dict:
+    """Module options that follow from the weights: dim_y, dim_x, embedding_dim (not for
+    variant I), out_dim, value_proj, use_bias. Keys are checked as in `from_torch`."""
+    options, _ = _read(state_dict, variant=variant, prefix=prefix, use_bias=use_bias,
+                       value_proj=value_proj)
+    return options
+
+
+def _read(state_dict, *, variant, prefix, use_bias, value_proj):
+    variant = _checks.check_choice("variant", variant, _checks.VARIANTS)
+    selected = _select(state_dict, prefix)
+    use_bias, value_proj = _infer_flags(selected, variant, use_bias, value_proj)
+    _check_keys(selected, variant, use_bias, value_proj)
+    arrays = {key: _to_numpy(prefix + key, value) for key, value in selected.items()}
+    (dim_y,) = _shape(arrays, "norm_y.weight", 1)
+    (dim_x,) = _shape(arrays, "norm_x.weight", 1)
+    options = dict(dim_y=int(dim_y), dim_x=int(dim_x), value_proj=value_proj,
+                   use_bias=use_bias)
+    if variant != "I":
+        options["embedding_dim"] = int(_shape(arrays, "k.weight", 2)[0])
+    if value_proj:
+        out = int(_shape(arrays, "v.weight", 2)[0])
+        options["out_dim"] = None if out == dim_x else out
+    return options, arrays
+
+
+def _to_flax_tree(arrays) -> dict:
+    params: dict = {}
+    for key, value in arrays.items():
+        group, leaf = key.split(".", 1)
+        if leaf == "weight":
+            if group in modules.NORM_GROUPS:
+                leaf = "scale"
+            else:
+                _shape(arrays, key, 2)
+                leaf, value = "kernel", np.ascontiguousarray(value.T)
+        else:
+            _shape(arrays, key, 1)
+        params.setdefault(group, {})[leaf] = value
+    return params
+
+
+def from_torch(state_dict, *, variant: str, prefix: str = "", use_bias=None, value_proj=None,
+               dtype=None) -> dict:
+    """Linen variables `{"params": ...}` from a state_dict of the official PyTorch SAPA module.
+
+    Args:
+      state_dict: mapping of keys (`norm_y.weight`, `q.weight`, ...) to torch tensors or
+        NumPy arrays.
+      variant: "I", "B", "P" or "G" (decides which layers must be there).
+      prefix: only keys starting with it are read, with it removed (e.g. "decoder.up1.").
+      use_bias, value_proj: None infers them from the keys present (`*.bias` of the Linear
+        layers, `v.*`); a bool insists on it.
+      dtype: dtype of the returned arrays (default: as stored; float64 needs jax x64 mode).
+
+    Returns:
+      `{"params": tree}`, tree with the structure of `modules.param_specs`.
+
+    Raises:
+      ValueError: listing the missing and unexpected keys, or inconsistent shapes.
+    """
+    options, arrays = _read(state_dict, variant=variant, prefix=prefix, use_bias=use_bias,
+                            value_proj=value_proj)
+    params = _to_flax_tree(arrays)
+    dim_y, dim_x = options.pop("dim_y"), options.pop("dim_x")
+    config = modules.SAPAConfig(variant=variant, **options)
+    modules.check_params(params, modules.param_specs(config, dim_y, dim_x),
+                         context="from_torch: shapes inconsistent with each other; "
+                                 + modules.describe(config, dim_y, dim_x))
+    if dtype is not None:
+        dtype = modules._check_dtype("dtype", dtype, allow_none=False)
+    params = {g: {leaf: jnp.asarray(v, dtype) for leaf, v in group.items()}
+              for g, group in params.items()}
+    return {"params": params}
+
+
+def _as_params_dict(tree):
+    """Linen variables, a bare params tree, an NNX SAPA / nnx.State -> nested dict."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        nnx = None
+    if nnx is not None:
+        if isinstance(tree, nnx.Module):
+            if hasattr(tree, "params_dict"):
+                return tree.params_dict()
+            tree = nnx.state(tree, nnx.Param)
+        if isinstance(tree, nnx.State):
+            tree = nnx.to_pure_dict(tree)
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"variables_or_params must be a dict of parameters, "
+                        f"got {type(tree).__name__}")
+    if set(tree) == {"params"}:
+        tree = tree["params"]
+    return tree
+
+
+def _numpy_copy(value) -> np.ndarray:
+    # np.asarray of a jax.Array is a read-only view; torch.from_numpy warns on those.
+    return np.array(value, copy=True)
+
+
+def to_torch(variables_or_params, *, variant: str) -> dict[str, np.ndarray]:
+    """NumPy arrays in the official PyTorch layout (keys `q.weight` (out, in), ...).
+
+    Accepts Linen variables `{"params": ...}`, the bare params tree, any pytree of the same
+    structure (e.g. gradients), an `nnx.SAPA` module or its `nnx.State`. Load the result with
+    `module.load_state_dict({k: torch.from_numpy(v) for k, v in out.items()})`. Arrays keep
+    their dtype; bfloat16 ones are `ml_dtypes.bfloat16` NumPy arrays, which torch.from_numpy
+    does not take (cast them to float32 first).
+    """
+    variant = _checks.check_choice("variant", variant, _checks.VARIANTS)
+    params = _as_params_dict(variables_or_params)
+    allowed = set(modules.NORM_GROUPS) | set(modules.LINEAR_GROUPS[variant]) | {"v"}
+    required = set(modules.NORM_GROUPS) | set(modules.LINEAR_GROUPS[variant])
+    unexpected = sorted(str(g) for g in params if g not in allowed)
+    missing = sorted(g for g in required if g not in params)
+    bad_leaves = []
+    for group, leaves in params.items():
+        if group not in allowed or not isinstance(leaves, Mapping):
+            continue
+        need = ("scale", "bias") if group in modules.NORM_GROUPS else ("kernel",)
+        ok = need + (() if group in modules.NORM_GROUPS else ("bias",))
+        missing += [f"{group}/{leaf}" for leaf in need if leaf not in leaves]
+        bad_leaves += [f"{group}/{leaf}" for leaf in leaves if leaf not in ok]
+    if unexpected or missing or bad_leaves:
+        raise ValueError(
+            f"parameters do not match a SAPA module with variant={variant!r}: "
+            f"missing {missing}, unexpected {unexpected + bad_leaves}")
+    out = {}
+    order = list(modules.NORM_GROUPS) + list(modules.LINEAR_GROUPS[variant]) + ["v"]
+    for group in order:
+        if group not in params:
+            continue
+        leaves = params[group]
+        if not isinstance(leaves, Mapping):
+            raise TypeError(f"params[{group!r}] must be a dict, got {type(leaves).__name__}")
+        if group in modules.NORM_GROUPS:
+            out[f"{group}.weight"] = _numpy_copy(leaves["scale"])
+            out[f"{group}.bias"] = _numpy_copy(leaves["bias"])
+        else:
+            kernel = _numpy_copy(leaves["kernel"])
+            if kernel.ndim != 2:
+                raise ValueError(f"{group}/kernel must have rank 2 (in, out), "
+                                 f"got shape {kernel.shape}")
+            out[f"{group}.weight"] = np.ascontiguousarray(kernel.T)
+            if "bias" in leaves:
+                out[f"{group}.bias"] = _numpy_copy(leaves["bias"])
+    return out
+
+
+def load_into_nnx(module, state_dict, *, prefix: str = ""):
+    """Copy an official state_dict into an existing `sapa_jax.nnx.SAPA` (in place; returned).
+
+    The keys must be exactly those of the module's configuration and the shapes must match;
+    values are cast to the dtype of the module's parameters.
+    """
+    if not (hasattr(module, "config") and hasattr(module, "params_dict")):
+        raise TypeError(f"module must be a sapa_jax.nnx.SAPA, got {type(module).__name__}")
+    config = module.config
+    variables = from_torch(state_dict, variant=config.variant, prefix=prefix,
+                           use_bias=config.use_bias,
+                           value_proj=config.projects_value(module.dim_x))
+    params = variables["params"]
+    modules.check_params(params, module.param_specs(),
+                         context="state_dict vs module: "
+                                 + modules.describe(config, module.dim_y, module.dim_x))
+    for group, leaves in params.items():
+        holder = getattr(module, group)
+        for leaf, value in leaves.items():
+            variable = getattr(holder, leaf)
+            variable.set_value(jnp.asarray(value, variable[...].dtype))
+    return module

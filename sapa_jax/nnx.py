@@ -1,0 +1,116 @@
+"""Flax NNX SAPA module: parameters from `modules.param_specs`, forward pass `modules.sapa_apply`.
+
+The NNX state has the same paths as the Linen parameter tree (`norm_y/scale`, `q/kernel`, ...),
+so `nnx.to_pure_dict(nnx.state(module, nnx.Param))` can be used as Linen `params` and back.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from . import modules
+from .modules import SAPAConfig, default_bias_init, default_kernel_init
+
+__all__ = ["SAPA", "ParamGroup"]
+
+
+class ParamGroup(nnx.Module):
+    """The parameters of one layer (`scale`/`bias` or `kernel`/`bias`) as `nnx.Param`s."""
+
+    def __init__(self, leaves: Mapping[str, Any]):
+        self._leaves = tuple(leaves)
+        for leaf, value in leaves.items():
+            setattr(self, leaf, nnx.Param(value))
+
+    def arrays(self) -> dict[str, Any]:
+        return {leaf: getattr(self, leaf)[...] for leaf in self._leaves}
+
+
+class SAPA(nnx.Module):
+    """SAPA feature upsampling (Similarity-Aware Point Affiliation), Flax NNX.
+
+    Same computation and options as `sapa_jax.linen.SAPA`, with the input widths given up
+    front::
+
+      model = SAPA(dim_y=64, dim_x=128, variant="B", scale=2, rngs=nnx.Rngs(0))
+      out = model(y, x)      # y (B, 2H, 2W, 64), x (B, H, W, 128) -> (B, 2H, 2W, 128)
+
+    Args:
+      dim_y: channels Cy of the high-res encoder feature y.
+      dim_x: channels Cx of the low-res decoder feature x.
+      variant, embedding_dim, kernel_size, scale, out_dim, value_proj, use_bias, normalizer,
+        border, eps, impl, dtype, param_dtype, kernel_init, bias_init: as in
+        `sapa_jax.linen.SAPA`.
+      rngs: `nnx.Rngs` with a "params" stream (or a default one).
+
+    Parameters are `ParamGroup` submodules named `norm_y`, `norm_x`, `q`, `k`, `qy`, `qx`,
+    `gate`, `v` (whichever the variant has), each holding `scale`/`kernel` and `bias`.
+    """
+
+    def __init__(self, dim_y: int, dim_x: int, *, variant: str = "B", embedding_dim: int = 32,
+                 kernel_size: int = 5, scale: int = 2, out_dim: int | None = None,
+                 value_proj: bool = False, use_bias: bool = True, normalizer: str = "softmax",
+                 border: str = "zeros", eps: float = 1e-6, impl: str = "auto",
+                 dtype: Any = None, param_dtype: Any = jnp.float32,
+                 kernel_init: Callable = default_kernel_init,
+                 bias_init: Callable = default_bias_init, rngs: nnx.Rngs):
+        self.config = SAPAConfig(
+            variant=variant, embedding_dim=embedding_dim, kernel_size=kernel_size, scale=scale,
+            out_dim=out_dim, value_proj=value_proj, use_bias=use_bias, normalizer=normalizer,
+            border=border, eps=eps, impl=impl, dtype=dtype, param_dtype=param_dtype)
+        self.dim_y, self.dim_x = modules.check_dims(self.config, dim_y, dim_x)
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
+        specs = modules.param_specs(self.config, self.dim_y, self.dim_x,
+                                    kernel_init=kernel_init, bias_init=bias_init)
+        self._groups = tuple(specs)
+        for name, group in specs.items():
+            setattr(self, name, ParamGroup(
+                modules.init_group(rngs.params(), group, self.config.param_dtype)))
+
+    def params_dict(self) -> dict[str, dict[str, Any]]:
+        """The parameters as the nested dict `modules.sapa_apply` and Linen use."""
+        return {name: getattr(self, name).arrays() for name in self._groups}
+
+    def param_specs(self):
+        """`modules.param_specs` of this module (shapes; initialisers are the defaults)."""
+        return modules.param_specs(self.config, self.dim_y, self.dim_x)
+
+    def __call__(self, y, x):
+        """Upsamples `x` guided by `y`.
+
+        Args:
+          y: high-res encoder (guidance) feature `(B, s*H, s*W, dim_y)`.
+          x: low-res decoder feature `(B, H, W, dim_x)`.
+
+        Returns:
+          The upsampled feature `(B, s*H, s*W, C)`, `C = out_dim or dim_x`.
+        """
+        modules.check_inputs(y, x, self.config)
+        for name, array, dim in (("y", y, self.dim_y), ("x", x, self.dim_x)):
+            if array.shape[-1] != dim:
+                raise ValueError(f"{name} must have dim_{name}={dim} channels (last axis), "
+                                 f"got shape {tuple(array.shape)}")
+        return modules.sapa_apply(self.params_dict(), y, x, self.config)
+
+    @classmethod
+    def from_torch(cls, state_dict, *, variant: str, prefix: str = "", **options):
+        """A module holding the weights of an official PyTorch SAPA `state_dict`.
+
+        Widths (dim_y, dim_x, embedding_dim, out_dim), `value_proj` and `use_bias` are read
+        from the weights; the other options (kernel_size, scale, normalizer, ...) are passed
+        as keywords.
+        """
+        from . import convert  # convert imports this module's siblings only; avoid a cycle
+
+        inferred = convert.module_options(state_dict, variant=variant, prefix=prefix)
+        clashes = sorted(k for k in options if k in inferred)
+        if clashes:
+            raise ValueError(f"options {clashes} are read from the state_dict and cannot be "
+                             f"passed to from_torch (got {clashes})")
+        rngs = options.pop("rngs", None) or nnx.Rngs(0)  # the initial values are overwritten
+        module = cls(variant=variant, **inferred, **options, rngs=rngs)
+        return convert.load_into_nnx(module, state_dict, prefix=prefix)
