@@ -1,6 +1,11 @@
 """FFI glue: loads the compiled kernel modules, registers their handlers with XLA, and wraps
 the fused forward/backward in `jax.ffi.ffi_call` + `jax.custom_vjp`.
 
+Each of the two calls is batch-partitioned (`_partitioning.batch_partitioned`): under `jit` with
+a batch-sharded mesh every device runs the kernel on its own shard, and `vmap` folds into the
+batch. The calls are plain per-shard functions, so `shard_map` users can call `sapa_upsample`
+inside their mapped function directly.
+
 Knows nothing of Flax. Targets are registered once, at import of `sapa_jax`.
 """
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ._partitioning import batch_partitioned
 
 # platform as JAX names it -> (extension module, XLA platform name for registration)
 _MODULES = {"cpu": ("_sapa_cpu", "cpu"), "gpu": ("_sapa_cuda", "CUDA")}
@@ -79,12 +86,29 @@ def _acc_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
+def _result(shape, dtype, like):
+    """Result type of a kernel call, derived from the type of the input `like`.
+
+    Types carry more than shape and dtype: under explicit mesh axes the sharding (the result
+    takes the batch sharding of the input; the kernels never mix batch elements), and inside
+    `shard_map` the manual axes a value varies over. Deriving the result from the input's own
+    aval keeps both, whatever the JAX version calls them.
+    """
+    aval = jax.typeof(like)
+    mesh, spec = aval.sharding.mesh, aval.sharding.spec
+    batch = spec[0] if len(spec) else None
+    sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(batch, *([None] * (len(shape) - 1))))
+    return aval.update(shape=tuple(shape), dtype=jnp.dtype(dtype), sharding=sharding,
+                       weak_type=False)
+
+
 def forward_call(q, k, v, opts: Options):
     """One "sapa_forward" call: (out, stats). `broadcast_all` makes vmap add leading dims,
     which the kernel folds into its batch."""
     points = q.shape[:-1]
-    results = (jax.ShapeDtypeStruct(points + (v.shape[-1],), q.dtype),
-               jax.ShapeDtypeStruct(points + (2,), _acc_dtype(q.dtype)))
+    results = (_result(points + (v.shape[-1],), q.dtype, q),
+               _result(points + (2,), _acc_dtype(q.dtype), q))
     call = jax.ffi.ffi_call("sapa_forward", results, vmap_method="broadcast_all")
     return call(q, k, v, **opts.attributes())
 
@@ -93,27 +117,38 @@ def backward_call(q, k, v, stats, g, opts: Options):
     """One "sapa_backward" call: (dq, dk, dv); the two per-tap scratch outputs are dropped."""
     points = q.shape[:-1]
     taps = opts.kernel_size * opts.kernel_size
-    scratch = jax.ShapeDtypeStruct(points + (taps,), _acc_dtype(q.dtype))
-    results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-               jax.ShapeDtypeStruct(v.shape, v.dtype), scratch, scratch)
+    scratch = _result(points + (taps,), _acc_dtype(q.dtype), q)
+    results = (_result(q.shape, q.dtype, q), _result(k.shape, k.dtype, q),
+               _result(v.shape, v.dtype, q), scratch, scratch)
     call = jax.ffi.ffi_call("sapa_backward", results, vmap_method="broadcast_all")
     dq, dk, dv, _, _ = call(q, k, v, stats, g, **opts.attributes())
     return dq, dk, dv
 
 
+@functools.lru_cache(maxsize=None)
+def _partitioned_calls(opts: Options):
+    """The forward and backward calls for `opts`, batch-partitioned and vmappable."""
+    # Closures with plain positional signatures: custom_partitioning binds arguments by name.
+    forward = batch_partitioned(lambda q, k, v: forward_call(q, k, v, opts),
+                                arg_ranks=(4, 4, 4), out_ranks=(4, 4))
+    backward = batch_partitioned(lambda q, k, v, stats, g: backward_call(q, k, v, stats, g, opts),
+                                 arg_ranks=(4, 4, 4, 4, 4), out_ranks=(4, 4, 4))
+    return forward, backward
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _sapa(q, k, v, opts: Options):
-    return forward_call(q, k, v, opts)[0]
+    return _partitioned_calls(opts)[0](q, k, v)[0]
 
 
 def _sapa_fwd(q, k, v, opts: Options):
-    out, stats = forward_call(q, k, v, opts)
+    out, stats = _partitioned_calls(opts)[0](q, k, v)
     return out, (q, k, v, stats)
 
 
 def _sapa_bwd(opts: Options, residuals, g):
     q, k, v, stats = residuals
-    return backward_call(q, k, v, stats, g, opts)
+    return _partitioned_calls(opts)[1](q, k, v, stats, g)
 
 
 _sapa.defvjp(_sapa_fwd, _sapa_bwd)

@@ -1,6 +1,13 @@
 """Shared test fixtures: scoped float64 mode, GPU skipping, random inputs."""
 from __future__ import annotations
 
+import os
+
+# Eight host devices for the sharding tests; set before JAX starts (device count is fixed then).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
 import jax
 import numpy as np
 import pytest
