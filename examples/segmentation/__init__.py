@@ -1,0 +1,4 @@
+"""Segmentation on synthetic scenes: what the decoder's upsampler does near boundaries.
+
+Run `python -m examples.segmentation --help` from the repository root.
+"""
