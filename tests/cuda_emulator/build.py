@@ -1,0 +1,58 @@
+"""Builds the CPU emulation of xla_ffi/sapa_cuda.cu as a Python extension (see emu_core.h)."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import shutil
+import subprocess
+import sysconfig
+
+from .transform import TransformMismatch, transform  # noqa: F401  (re-exported)
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CUDA_SOURCE = REPO / "xla_ffi" / "sapa_cuda.cu"
+MODULE = "sapa_cuda_emu"
+
+
+class ToolMissing(RuntimeError):
+    """g++, pybind11 or the jaxlib FFI headers are not available."""
+
+
+class BuildFailed(RuntimeError):
+    """g++ rejected the emulated source."""
+
+
+def _include_dirs() -> list[str]:
+    if shutil.which("g++") is None:
+        raise ToolMissing("g++ not found on PATH")
+    try:
+        import pybind11
+    except ImportError as e:
+        raise ToolMissing(f"pybind11 is not installed ({e})") from e
+    try:
+        import jax.ffi
+        ffi_include = jax.ffi.include_dir()
+    except (ImportError, AttributeError) as e:
+        raise ToolMissing(f"jax.ffi.include_dir() unavailable ({e})") from e
+    return [str(HERE / "include"), str(REPO / "xla_ffi"), ffi_include, pybind11.get_include(),
+            sysconfig.get_paths()["include"]]
+
+
+def build(out_dir: pathlib.Path):
+    """Rewrites, compiles and imports the emulator module; returns the module."""
+    includes = _include_dirs()
+    out_dir = pathlib.Path(out_dir)
+    (out_dir / f"{MODULE}.inc").write_text(transform(CUDA_SOURCE.read_text()))
+    target = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
+    # -O1: the build is part of the test's time budget; -O2 buys little on these tiny shapes.
+    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-w", f"-I{out_dir}",
+           *(f"-I{d}" for d in includes), str(HERE / "emu_module.cc"), "-o", str(target)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [l for l in proc.stderr.splitlines() if "error" in l][:20]
+        raise BuildFailed("g++ failed to compile the emulated sapa_cuda.cu:\n" + "\n".join(errors))
+    spec = importlib.util.spec_from_file_location(MODULE, target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,76 @@
+// pybind11 module around the FFI implementation functions of xla_ffi/sapa_cuda.cu, compiled
+// on the CPU against the emulator headers (see emu_core.h). Numpy arrays are handed over as
+// XLA_FFI_Buffers without copies; the call returns "" on success, else the ffi::Error message.
+#include "sapa_cuda_emu.inc"  // the rewritten sapa_cuda.cu (transform.py)
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <tuple>
+
+namespace py = pybind11;
+
+namespace {
+
+XLA_FFI_DataType dtype_of(const std::string& name) {
+  if (name == "float32") return XLA_FFI_DataType_F32;
+  if (name == "bfloat16") return XLA_FFI_DataType_BF16;
+  if (name == "float16") return XLA_FFI_DataType_F16;
+  if (name == "float64") return XLA_FFI_DataType_F64;
+  throw std::invalid_argument("unsupported dtype " + name);
+}
+
+// Keeps the dims alive for as long as the XLA_FFI_Buffer that points at them.
+struct Buf {
+  XLA_FFI_Buffer buf{};
+  std::vector<int64_t> dims;
+  explicit Buf(py::array a) {
+    if (!(a.flags() & py::array::c_style)) throw std::invalid_argument("array not C-contiguous");
+    dims.assign(a.shape(), a.shape() + a.ndim());
+    buf.struct_size = sizeof(XLA_FFI_Buffer);
+    buf.dtype = dtype_of(py::str(a.dtype()));
+    buf.data = const_cast<void*>(a.data());
+    buf.rank = a.ndim();
+    buf.dims = dims.data();
+  }
+  ffi::AnyBuffer any() { return ffi::AnyBuffer(&buf); }
+};
+
+std::string message(const ffi::Error& e) {
+  if (!e.failure()) return "";
+  return e.message().empty() ? "error without a message" : e.message();
+}
+
+std::string forward(py::array q, py::array k, py::array v, py::array out, py::array stats,
+                    int64_t kernel_size, int64_t scale, int64_t normalizer, int64_t border,
+                    float eps) {
+  Buf bq(q), bk(k), bv(v), bo(out), bs(stats);
+  return message(SapaForwardCudaImpl(nullptr, bq.any(), bk.any(), bv.any(), bo.any(), bs.any(),
+                                     kernel_size, scale, normalizer, border, eps));
+}
+
+std::string backward(py::array q, py::array k, py::array v, py::array stats, py::array g,
+                     py::array dq, py::array dk, py::array dv, py::array w_scratch,
+                     py::array dlogit_scratch, int64_t kernel_size, int64_t scale,
+                     int64_t normalizer, int64_t border, float eps) {
+  Buf bq(q), bk(k), bv(v), bs(stats), bg(g), bdq(dq), bdk(dk), bdv(dv), bw(w_scratch),
+      bd(dlogit_scratch);
+  return message(SapaBackwardCudaImpl(nullptr, bq.any(), bk.any(), bv.any(), bs.any(), bg.any(),
+                                      bdq.any(), bdk.any(), bdv.any(), bw.any(), bd.any(),
+                                      kernel_size, scale, normalizer, border, eps));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(sapa_cuda_emu, m) {
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+  // (grid, block, dynamic shared bytes) of every launch since the last call; empties the log.
+  m.def("take_launches", []() {
+    std::vector<std::tuple<unsigned, int, size_t>> out;
+    for (const auto& l : emu::launches) out.emplace_back(l.grid, l.block, l.shared_bytes);
+    emu::launches.clear();
+    return out;
+  });
+}

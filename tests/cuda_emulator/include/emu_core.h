@@ -1,0 +1,194 @@
+// CPU emulation of the CUDA execution model, just enough to run xla_ffi/sapa_cuda.cu unchanged.
+//
+// Blocks run one after another. The threads of a block are fibers (ucontext) on the calling OS
+// thread, switched only at __syncthreads / __syncwarp / shuffles: deterministic, cheap (no OS
+// thread per CUDA thread) and a divergent barrier is reported as an error instead of a hang.
+// Dynamic shared memory is filled with NaN before every block (a read of an unstaged entry
+// poisons the result) and followed by a NaN guard that is checked after the block (overflowing
+// writes). What it cannot see: races inside a barrier interval (fibers run one at a time, in
+// order), memory coalescing, bank conflicts, registers, occupancy and timing.
+#pragma once
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+inline float2 make_float2(float a, float b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+namespace emu {
+
+// Device the planner sees: H100 shared-memory limits, but a single multiprocessor so that the
+// grid-stride loops of the simple kernels wrap around even on the tiny test shapes.
+constexpr int kOptinShared = 232448, kSharedPerSm = 233472, kSms = 1;
+constexpr int kDefaultShared = 48 * 1024;  // above this a kernel needs cudaFuncSetAttribute
+constexpr size_t kGuardFloats = 1024;      // NaN guard after dynamic shared memory
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct Launch { unsigned grid; int block; size_t shared_bytes; };
+
+enum class State { kRunning, kAtBlockBarrier, kAtWarpBarrier, kDone };
+struct Fiber { ucontext_t ctx; State state; };
+
+inline dim3 cur_thread, cur_block, block_dim, grid_dim;
+inline std::vector<Fiber> fibers;
+inline std::vector<std::vector<char>> stacks;
+inline int cur = 0;
+inline ucontext_t scheduler;
+inline std::function<void()> body;
+inline std::vector<float4> shared;
+inline float shuffle_buf[1024];
+inline std::string last_error;           // set by a failed launch, cleared by cudaGetLastError
+inline std::string last_error_reported;  // what cudaGetErrorString shows
+inline std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute opt-ins
+inline std::vector<Launch> launches;                   // read by the tests
+
+inline float4* dyn_shared() { return shared.data(); }
+
+inline void wait(State s) {
+  fibers[cur].state = s;
+  swapcontext(&fibers[cur].ctx, &scheduler);
+}
+
+inline void fiber_entry() {
+  body();
+  fibers[cur].state = State::kDone;  // uc_link returns to the scheduler
+}
+
+// Runs every fiber up to its next barrier, then releases the barriers that are complete.
+// Exited threads count as arrived. Returns an error when nothing can move (divergent barrier).
+inline std::string run_block(int threads) {
+  for (;;) {
+    for (cur = 0; cur < threads; ++cur) {
+      if (fibers[cur].state != State::kRunning) continue;
+      cur_thread = dim3{unsigned(cur), 0, 0};
+      swapcontext(&scheduler, &fibers[cur].ctx);
+    }
+    bool all_done = true, all_block = true, released = false;
+    for (int w = 0; w < threads / 32; ++w) {
+      bool warp_waits = true, any = false;
+      for (int l = 32 * w; l < 32 * w + 32; ++l) {
+        const State s = fibers[l].state;
+        all_done &= s == State::kDone;
+        all_block &= s != State::kAtWarpBarrier;
+        warp_waits &= s != State::kAtBlockBarrier;
+        any |= s == State::kAtWarpBarrier;
+      }
+      if (warp_waits && any) {
+        for (int l = 32 * w; l < 32 * w + 32; ++l)
+          if (fibers[l].state == State::kAtWarpBarrier) fibers[l].state = State::kRunning;
+        released = true;
+      }
+    }
+    if (all_done) return {};
+    if (released) continue;
+    if (!all_block) return "deadlock: a warp is split between __syncwarp and __syncthreads";
+    for (int t = 0; t < threads; ++t)
+      if (fibers[t].state == State::kAtBlockBarrier) fibers[t].state = State::kRunning;
+  }
+}
+
+inline bool guard_intact(size_t floats) {
+  const float* f = reinterpret_cast<const float*>(shared.data());
+  for (size_t i = floats; i < floats + kGuardFloats; ++i)
+    if (!std::isnan(f[i])) return false;
+  return true;
+}
+
+struct Cfg {
+  unsigned grid; int block; size_t shared_bytes;
+  template <typename Stream>
+  Cfg(unsigned g, int b, size_t s, Stream) : grid(g), block(b), shared_bytes(s) {}
+  Cfg(unsigned g, int b, size_t s = 0) : grid(g), block(b), shared_bytes(s) {}
+};
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
+  launches.push_back({cfg.grid, cfg.block, cfg.shared_bytes});
+  auto it = max_dynamic_shared.find(reinterpret_cast<const void*>(kernel));
+  const size_t allowed = it == max_dynamic_shared.end() ? kDefaultShared : it->second;
+  if (cfg.grid == 0 || cfg.block <= 0 || cfg.block > 1024 || cfg.block % 32 != 0) {
+    last_error = "invalid configuration argument";
+    return;
+  }
+  if (cfg.shared_bytes > allowed) {
+    last_error = "too much dynamic shared memory: " + std::to_string(cfg.shared_bytes) + " > " +
+                 std::to_string(allowed);
+    return;
+  }
+  const size_t floats = (cfg.shared_bytes + 15) / 16 * 4;
+  shared.assign(floats / 4 + kGuardFloats / 4, float4{});
+  fibers.resize(cfg.block);
+  stacks.resize(cfg.block);
+  block_dim = dim3{unsigned(cfg.block), 1, 1};
+  grid_dim = dim3{cfg.grid, 1, 1};
+  body = [&]() { kernel(args...); };
+  for (unsigned b = 0; b < cfg.grid; ++b) {
+    cur_block = dim3{b, 0, 0};
+    float* f = reinterpret_cast<float*>(shared.data());
+    std::fill(f, f + shared.size() * 4, std::nanf(""));
+    for (int t = 0; t < cfg.block; ++t) {
+      stacks[t].resize(kStackBytes);
+      getcontext(&fibers[t].ctx);
+      fibers[t].ctx.uc_stack.ss_sp = stacks[t].data();
+      fibers[t].ctx.uc_stack.ss_size = kStackBytes;
+      fibers[t].ctx.uc_link = &scheduler;
+      fibers[t].state = State::kRunning;
+      makecontext(&fibers[t].ctx, fiber_entry, 0);
+    }
+    std::string err = run_block(cfg.block);
+    if (err.empty() && !guard_intact(floats)) err = "write past the end of dynamic shared memory";
+    if (!err.empty()) {
+      last_error = err + " (block " + std::to_string(b) + ")";
+      return;
+    }
+  }
+}
+
+}  // namespace emu
+
+#define threadIdx emu::cur_thread
+#define blockIdx emu::cur_block
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+
+inline void __syncthreads() { emu::wait(emu::State::kAtBlockBarrier); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::State::kAtWarpBarrier); }
+inline float __shfl_xor_sync(unsigned, float x, int lane_mask) {
+  const int lane = threadIdx.x & 31;
+  float* buf = emu::shuffle_buf + (threadIdx.x & ~31u);
+  buf[lane] = x;
+  __syncwarp();
+  const float other = buf[lane ^ lane_mask];
+  __syncwarp();  // nobody overwrites buf before every lane has read it
+  return other;
+}
+// CUDA shuffles a double as two 32-bit halves; the emulator moves both halves the same way.
+inline double __shfl_xor_sync(unsigned mask, double x, int lane_mask) {
+  float halves[2];
+  std::memcpy(halves, &x, sizeof x);
+  halves[0] = __shfl_xor_sync(mask, halves[0], lane_mask);
+  halves[1] = __shfl_xor_sync(mask, halves[1], lane_mask);
+  std::memcpy(&x, halves, sizeof x);
+  return x;
+}
