@@ -117,9 +117,22 @@ __device__ __forceinline__ float4 load4(const __half* p) {
 
 // Butterfly reductions: lane i adds x_i + x_{i^o}, lane i^o adds x_{i^o} + x_i, which is the
 // same float, so every lane ends with the bitwise same result.
-__device__ __forceinline__ float warp_sum(float x) {
+template <typename F> __device__ __forceinline__ F warp_sum(F x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+}
+// dlogit of one inside tap. softmax: w_p (dw_p - sum_j w_j dw_j). h / (S + eps): DESIGN.md's
+// cancellation-free h'(x_p) (eps dw_p + sum_j h_j (dw_p - dw_j)) / (S + eps)^2, which with
+// w_j = h_j inv (inv = 1 / (S + eps), stats.x) is h'(x_p) inv (eps inv dw_p + dw_p W - M) for
+// W = sum_j w_j, M = sum_j w_j dw_j. W and M come in double: products of floats are exact there,
+// so dw_p W - M keeps the eps-sized part that a float dw_p - M (w summing to nearly 1) loses,
+// in O(K^2) per point instead of the pairwise sum's O(K^4).
+__device__ __forceinline__ float tap_dlogit(int64_t normalizer, float eps, float logit, float w,
+                                            float dw, float inv, float wdw, double W, double M) {
+  if (normalizer == sapa::kSoftmax) return w * (dw - wdw);
+  const double d = dw;
+  const double core = static_cast<double>(eps) * inv * d + (d * W - M);
+  return sapa::h_grad(normalizer, logit) * inv * static_cast<float>(core);
 }
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -508,22 +521,23 @@ __global__ void __launch_bounds__(kThreads)
     float* dw = dbuf + p.ci * P.T * P.s2pad + p.si;
     const float2 st = reinterpret_cast<const float2*>(stats)[pixel(t.b, p.oy, p.ox, P.oH, P.oW)];
     float wdw = 0.f;  // sum_j w_j dw_j (dw is 0 for outside taps)
+    double W = 0.0, M = 0.0;  // the same sums in double, for the h-normalisers (tap_dlogit)
     for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
       const float wt = sapa::tap_weight(P.normalizer, w[tap * P.s2pad], st.x, st.y,
                                         sapa::tap_counted(P.border, inside));
       wdw = fmaf(wt, dw[tap * P.s2pad], wdw);
+      if (P.normalizer != sapa::kSoftmax) {
+        W += wt;
+        M += static_cast<double>(wt) * dw[tap * P.s2pad];
+      }
     });
     for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
       const float logit = w[tap * P.s2pad];
       const float wt = sapa::tap_weight(P.normalizer, logit, st.x, st.y,
                                         sapa::tap_counted(P.border, inside));
-      float dl = 0.f;
-      if (inside) {
-        const float centred = dw[tap * P.s2pad] - wdw;
-        dl = P.normalizer == sapa::kSoftmax
-                 ? wt * centred
-                 : sapa::h_grad(P.normalizer, logit) * centred * st.x;
-      }
+      const float dl = inside ? tap_dlogit(P.normalizer, P.eps, logit, wt, dw[tap * P.s2pad],
+                                           st.x, wdw, W, M)
+                              : 0.f;
       w[tap * P.s2pad] = wt;
       dw[tap * P.s2pad] = dl;
     });
@@ -783,6 +797,7 @@ __global__ void __launch_bounds__(kThreads)
     float* drow = dlogit_out + pt * P.T;
     const float2 st = reinterpret_cast<const float2*>(stats)[pt];
     float part = 0.f;
+    double part_w = 0.0, part_m = 0.0;
     for (int p = lane; p < P.T; p += 32) {
       bool inside;
       const float x = simple_logit(qrow, k, p, f, P, &inside);
@@ -797,17 +812,20 @@ __global__ void __launch_bounds__(kThreads)
       wrow[p] = w;
       drow[p] = dw;  // dw for now; the lane rewrites it as dlogit below
       part = fmaf(w, dw, part);
+      part_w += w;  // double sums for the h-normalisers (tap_dlogit)
+      part_m += static_cast<double>(w) * dw;
     }
     const float wdw = warp_sum(part);
+    double W = 0.0, M = 0.0;
+    if (P.normalizer != sapa::kSoftmax) {
+      W = warp_sum(part_w);
+      M = warp_sum(part_m);
+    }
     for (int p = lane; p < P.T; p += 32) {
       bool inside;
       const float x = simple_logit(qrow, k, p, f, P, &inside);
-      const float centred = drow[p] - wdw;
-      float dl = 0.f;
-      if (inside)
-        dl = P.normalizer == sapa::kSoftmax ? wrow[p] * centred
-                                            : sapa::h_grad(P.normalizer, x) * centred * st.x;
-      drow[p] = dl;
+      drow[p] = inside ? tap_dlogit(P.normalizer, P.eps, x, wrow[p], drow[p], st.x, wdw, W, M)
+                       : 0.f;
     }
     __syncwarp();  // dlogit of every tap visible to every lane
     for (int c = lane; c < P.d; c += 32) {
