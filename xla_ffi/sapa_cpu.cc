@@ -977,33 +977,8 @@ ffi::Error SapaBackwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
 
 }  // namespace
 
+// The signature is shared with the CUDA handlers (sapa_handlers.h).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SapaForwardCpu, SapaForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // stats
-                                  .Attr<int64_t>("kernel_size")
-                                  .Attr<int64_t>("scale")
-                                  .Attr<int64_t>("normalizer")
-                                  .Attr<int64_t>("border")
-                                  .Attr<float>("eps"));
-
+                              sapa::bind_forward(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SapaBackwardCpu, SapaBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // stats
-                                  .Arg<ffi::AnyBuffer>()  // g
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Ret<ffi::AnyBuffer>()  // w_scratch
-                                  .Ret<ffi::AnyBuffer>()  // dlogit_scratch
-                                  .Attr<int64_t>("kernel_size")
-                                  .Attr<int64_t>("scale")
-                                  .Attr<int64_t>("normalizer")
-                                  .Attr<int64_t>("border")
-                                  .Attr<float>("eps"));
+                              sapa::bind_backward(ffi::Ffi::Bind()));

@@ -1295,35 +1295,10 @@ ffi::Error SapaBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyB
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SapaForwardCuda, SapaForwardCudaImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // stats
-                                  .Attr<int64_t>("kernel_size")
-                                  .Attr<int64_t>("scale")
-                                  .Attr<int64_t>("normalizer")
-                                  .Attr<int64_t>("border")
-                                  .Attr<float>("eps"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SapaBackwardCuda, SapaBackwardCudaImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // stats
-                                  .Arg<ffi::AnyBuffer>()  // g
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Ret<ffi::AnyBuffer>()  // w_scratch
-                                  .Ret<ffi::AnyBuffer>()  // dlogit_scratch
-                                  .Attr<int64_t>("kernel_size")
-                                  .Attr<int64_t>("scale")
-                                  .Attr<int64_t>("normalizer")
-                                  .Attr<int64_t>("border")
-                                  .Attr<float>("eps"));
+// XLA's stream, then the signature shared with the CPU handlers (sapa_handlers.h).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    SapaForwardCuda, SapaForwardCudaImpl,
+    sapa::bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    SapaBackwardCuda, SapaBackwardCudaImpl,
+    sapa::bind_backward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));

@@ -12,7 +12,49 @@
 #ifndef SAPA_JAX_XLA_FFI_SAPA_HANDLERS_H_
 #define SAPA_JAX_XLA_FFI_SAPA_HANDLERS_H_
 
+#include <utility>
+
 #include "xla/ffi/api/api.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace sapa {
+
+// The one FFI signature of both back ends, so CPU and CUDA cannot drift apart: `binding` is
+// ffi::Ffi::Bind(), with the CUDA stream context already bound on that back end. Binding's
+// methods take *this as an rvalue, hence the moves.
+template <typename Binding> auto bind_attributes(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("kernel_size")
+      .template Attr<int64_t>("scale")
+      .template Attr<int64_t>("normalizer")
+      .template Attr<int64_t>("border")
+      .template Attr<float>("eps");
+}
+
+template <typename Binding> auto bind_forward(Binding binding) {
+  using xla::ffi::AnyBuffer;
+  return bind_attributes(std::move(binding).template Arg<AnyBuffer>()  // q
+                             .template Arg<AnyBuffer>()     // k
+                             .template Arg<AnyBuffer>()     // v
+                             .template Ret<AnyBuffer>()     // out
+                             .template Ret<AnyBuffer>());   // stats
+}
+
+template <typename Binding> auto bind_backward(Binding binding) {
+  using xla::ffi::AnyBuffer;
+  return bind_attributes(std::move(binding).template Arg<AnyBuffer>()  // q
+                             .template Arg<AnyBuffer>()     // k
+                             .template Arg<AnyBuffer>()     // v
+                             .template Arg<AnyBuffer>()     // stats
+                             .template Arg<AnyBuffer>()     // g
+                             .template Ret<AnyBuffer>()     // dq
+                             .template Ret<AnyBuffer>()     // dk
+                             .template Ret<AnyBuffer>()     // dv
+                             .template Ret<AnyBuffer>()     // w_scratch
+                             .template Ret<AnyBuffer>());   // dlogit_scratch
+}
+
+}  // namespace sapa
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SapaForwardCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SapaBackwardCpu);
