@@ -4,8 +4,7 @@ Drawn with matplotlib's object API (`Figure`, saved through the Agg renderer): n
 GUI backend, no global figure state, so it works headless and in threads.
 
 The kernel maps recompute the queries and keys of the last SAPA stage (1/2 -> full resolution)
-from its documented parameter tree (DESIGN.md section 1: norm_y, norm_x, q, k, qy, qx, gate),
-then take the K*K weights from `sapa_jax.similarity` + `sapa_jax.normalize`. As a check, the
+with `sapa_jax.modules.project` (the module's own body up to q, k, v), then take the K*K weights from `sapa_jax.similarity` + `sapa_jax.normalize`. As a check, the
 weights are assembled with `sapa_jax.assemble` and compared with the module's own output; the
 largest absolute difference is returned (and printed on the figure).
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 import sapa_jax
-from sapa_jax.modules import nearest_up
+from sapa_jax import modules as sapa_modules
+from sapa_jax.linen import SAPA
 
 from . import data, metrics
 from .model import bilinear2x
@@ -81,30 +80,6 @@ def prediction_figure(val, predictions: dict, path: Path, band_width: int = 2) -
     return path
 
 
-def queries_keys(params, y, x, variant: str):
-    """q (B, sH, sW, d) and k (B, H, W, d) of a SAPA module, from its parameters (DESIGN.md 1)."""
-    norm = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)
-    yn = norm.apply({"params": params["norm_y"]}, y)
-    xn = norm.apply({"params": params["norm_x"]}, x)
-    if variant == "I":
-        return yn, xn
-
-    def linear(name, a):
-        return a @ params[name]["kernel"] + params[name].get("bias", 0.0)
-
-    k = linear("k", xn)
-    if variant == "B":
-        q = linear("q", yn)
-    elif variant == "P":
-        q = linear("q", jnp.concatenate([yn, nearest_up(x, SCALE)], axis=-1))
-    elif variant == "G":
-        gate = nearest_up(jax.nn.sigmoid(linear("gate", xn)), SCALE)
-        q = gate * linear("qy", yn) + (1 - gate) * linear("qx", nearest_up(x, SCALE))
-    else:
-        raise ValueError(f"variant must be one of 'I', 'B', 'P', 'G', got {variant!r}")
-    return q, k
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def last_stage_kernels(net, params, image):
     """Kernel weights of the last SAPA stage for one image (S, S, 3), and what they come from.
@@ -118,10 +93,12 @@ def last_stage_kernels(net, params, image):
     stage = state["intermediates"]["up0"]
     y, x = stage["y"][0], stage["x"][0]
     module_out = stage["sapa"]["__call__"][0]
-    q, k = queries_keys(params["up0"]["sapa"], y, x, net.upsampler[-1].upper())
-    kernel_size = net.kernel_size
-    w = sapa_jax.normalize(sapa_jax.similarity(q, k, kernel_size=kernel_size, scale=SCALE))
-    out = sapa_jax.assemble(w, x, kernel_size=kernel_size, scale=SCALE)
+    # The same SAPA module as the stage (model.Upsample2x); `project` gives its q, k, v.
+    config = SAPA(variant=net.upsampler[-1].upper(), embedding_dim=net.embedding_dim,
+                  kernel_size=net.kernel_size, scale=SCALE).config()
+    q, k, v = sapa_modules.project(params["up0"]["sapa"], y, x, config)
+    w = sapa_jax.normalize(sapa_jax.similarity(q, k, kernel_size=config.kernel_size, scale=SCALE))
+    out = sapa_jax.assemble(w, v, kernel_size=config.kernel_size, scale=SCALE)
     return {"w": w[0], "x": x[0], "y": y[0], "sapa": module_out[0],
             "check": jnp.max(jnp.abs(out - module_out))}
 
