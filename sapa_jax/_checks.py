@@ -82,6 +82,16 @@ def check_same_low(name_a: str, a, name_b: str, b) -> None:
             f"got {tuple(a.shape[:3])} and {tuple(b.shape[:3])}")
 
 
+def check_query_key(q, k, scale: int) -> None:
+    """q (B, s*H, s*W, d) and k (B, H, W, d): arrays of rank 4 with matching shapes."""
+    check_array("q", q)
+    check_array("k", k)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same number of channels, got {q.shape[-1]} and {k.shape[-1]}")
+    check_high_low("q", q, "k", k, scale)
+
+
 def check_core_args(q, k, v, *, kernel_size, scale, normalizer, border, eps, impl):
     """Validate the arguments of `sapa_upsample`; returns the normalised static options."""
     kernel_size = check_int("kernel_size", kernel_size, minimum=1, odd=True)
@@ -90,14 +100,9 @@ def check_core_args(q, k, v, *, kernel_size, scale, normalizer, border, eps, imp
     border = check_choice("border", border, BORDERS)
     eps = check_eps(eps)
     impl = check_choice("impl", impl, IMPLS)
-    check_array("q", q)
-    check_array("k", k)
+    check_query_key(q, k, scale)
     check_array("v", v)
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"q and k must have the same number of channels, got {q.shape[-1]} and {k.shape[-1]}")
     check_same_low("k", k, "v", v)
-    check_high_low("q", q, "k", k, scale)
     return dict(kernel_size=kernel_size, scale=scale, normalizer=normalizer, border=border,
                 eps=eps, impl=impl)
 

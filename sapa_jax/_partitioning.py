@@ -47,7 +47,9 @@ def _batch_axes(sharding):
     return spec[0] if spec is not None and len(spec) > 0 else None
 
 
-def _per_shard_shardings(mesh, arg_shapes, out_shapes):
+def _per_shard_shardings(mesh, arg_shapes, result_shape):
+    """(argument shardings, result shardings): batch over the input's batch axes, rest replicated."""
+    out_shapes = list(result_shape) if isinstance(result_shape, (tuple, list)) else [result_shape]
     axes = _batch_axes(arg_shapes[0].sharding)
     if axes is not None:
         size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
@@ -62,13 +64,11 @@ def batch_partitioned(fn, arg_ranks, out_ranks):
     partitioned = custom_partitioning(fn)
 
     def partition(mesh, arg_shapes, result_shape):
-        out_shapes = list(result_shape) if isinstance(result_shape, (tuple, list)) else [result_shape]
-        arg_shardings, out_shardings = _per_shard_shardings(mesh, arg_shapes, out_shapes)
+        arg_shardings, out_shardings = _per_shard_shardings(mesh, arg_shapes, result_shape)
         return mesh, fn, tuple(out_shardings), tuple(arg_shardings)
 
     def infer_sharding_from_operands(mesh, arg_shapes, result_shape):  # GSPMD (non-Shardy)
-        out_shapes = list(result_shape) if isinstance(result_shape, (tuple, list)) else [result_shape]
-        return tuple(_per_shard_shardings(mesh, arg_shapes, out_shapes)[1])
+        return tuple(_per_shard_shardings(mesh, arg_shapes, result_shape)[1])
 
     rule, replicated = _sharding_rule(arg_ranks, out_ranks)
     partitioned.def_partition(

@@ -90,12 +90,7 @@ def similarity(q, k, *, kernel_size: int = 5, scale: int = 2):
     """
     kernel_size = _checks.check_int("kernel_size", kernel_size, minimum=1, odd=True)
     scale = _checks.check_int("scale", scale, minimum=1)
-    _checks.check_array("q", q)
-    _checks.check_array("k", k)
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"q and k must have the same number of channels, got {q.shape[-1]} and {k.shape[-1]}")
-    _checks.check_high_low("q", q, "k", k, scale)
+    _checks.check_query_key(q, k, scale)
     compute, out_dtype = _checks.compute_dtype(q, k)
     q, k = jnp.asarray(q, compute), jnp.asarray(k, compute)
     return reference.similarity(q, k, kernel_size=kernel_size, scale=scale).astype(out_dtype)
