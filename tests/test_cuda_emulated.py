@@ -13,13 +13,20 @@ through a small pybind11 module, and the outputs and dq/dk/dv are compared with 
 What it catches: index and halo arithmetic, tiling and tile edges, the grid-stride loops,
 channel chunking and tails, normaliser and border logic, bf16/f16 conversion, f32 accuracy,
 reads of shared memory that was never staged (it is NaN-filled before every block), writes
-past the end of dynamic shared memory (a NaN guard), barriers a warp does not agree on
-(reported as a deadlock), launches that exceed the shared memory they opted in to, and the
-error path of malformed calls.
+past the end of dynamic shared memory (a NaN guard), reads and writes outside the global buffers
+(every buffer sits between NaN guards that must come back untouched), barriers a warp does not
+agree on (reported as a deadlock), launches that exceed the shared memory they opted in to, the
+error path of malformed calls, and, through UBSan, misaligned vector loads and stores (which x86
+would tolerate and a GPU would not), out-of-range indices into fixed-size arrays and int overflow
+in the index arithmetic.
 
-What it does NOT catch: data races inside a barrier interval (the threads of a block are fibers
-that run one at a time, in order, so a missing `__syncthreads` between a write and another
-thread's read can go unnoticed), misaligned vector loads (x86 tolerates them), memory
+Races: the emulator can run the threads of every barrier interval, and the blocks of a grid, in
+order, reversed or shuffled. Race-free kernels give bitwise-equal results under every schedule,
+and the tests require that. They also drop each barrier of the source in turn and require some
+schedule to notice, so every barrier is shown to be needed and the check is shown to see a
+missing one.
+
+What it does NOT catch: races whose outcome happens to be the same either way, memory
 coalescing, bank conflicts, register pressure, the real shared-memory and occupancy limits of a
 given GPU beyond the H100 numbers the shim reports, fast-math intrinsics differences, and speed.
 The tests marked `gpu` in test_gpu.py remain the only check on real hardware.
@@ -31,6 +38,7 @@ matches the CUDA source, so a changed .cu can never be tested stale.
 from __future__ import annotations
 
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -56,10 +64,12 @@ BORDERS = ("zeros", "valid")
 # value (inputs are rounded identically for both sides), 2^-9 and 2^-12 relative.
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float16): 2e-3, BF16: 1e-2}
 ENV_KNOBS = ("SAPA_CUDA_FORCE_SIMPLE", "SAPA_CUDA_TILE_CAP")
+RESULT_NAMES = ("out", "stats", "dq", "dk", "dv", "w_scratch", "dlogit_scratch")
+GUARD = 1024
 
 
 @pytest.fixture(scope="session")
-def emu(tmp_path_factory):
+def emu_module(tmp_path_factory):
     try:
         return emu_build.build(tmp_path_factory.mktemp("cuda_emulator"))
     except emu_build.ToolMissing as e:
@@ -72,6 +82,19 @@ def emu(tmp_path_factory):
 
 
 @pytest.fixture
+def emu(emu_module, capfd):
+    """The emulator with its default schedule and every barrier in place; the test fails on any
+    UBSan report (misaligned access, index out of range, int overflow) written meanwhile."""
+    emu_module.set_schedule(0)
+    emu_module.drop_barrier(-1)
+    yield emu_module
+    emu_module.set_schedule(0)
+    emu_module.drop_barrier(-1)
+    reports = [l for l in capfd.readouterr().err.splitlines() if emu_build.UBSAN_REPORT in l]
+    assert not reports, "UBSan in the emulated CUDA kernels:\n" + "\n".join(reports[:10])
+
+
+@pytest.fixture
 def env(monkeypatch):
     """Planner knobs cleared; the test sets the ones it needs."""
     for name in ENV_KNOBS:
@@ -79,19 +102,44 @@ def env(monkeypatch):
     return monkeypatch
 
 
+def guarded(shape, dtype, fill=None):
+    """A C-contiguous array of `shape` that sits inside a larger buffer, with a NaN guard as large
+    as the array itself (at least GUARD elements) on each side. The kernels must not write the
+    guards (checked by `guards_intact`), and a read of them poisons the result with NaN."""
+    n = int(np.prod(shape))
+    pad = max(GUARD, n)
+    base = np.full(n + 2 * pad, np.nan, dtype)
+    view = base[pad:pad + n].reshape(shape)
+    if fill is not None:
+        view[...] = fill
+    return view
+
+
+def guards_intact(view):
+    base = view.base
+    pad = (base.size - view.size) // 2
+    fresh = np.full(pad, np.nan, base.dtype).view(np.uint8)
+    return all(np.array_equal(part.view(np.uint8), fresh) for part in (base[:pad], base[-pad:]))
+
+
 def run_emulated(emu, q, k, v, g, K, s, normalizer, border, eps):
-    """Forward then backward through the emulated FFI handlers; NaN-filled outputs."""
+    """Forward then backward through the emulated FFI handlers, every buffer guarded and the
+    outputs NaN-filled; returns out, stats, dq, dk, dv, w_scratch, dlogit_scratch."""
     lead, oH, oW = q.shape[:-3], q.shape[-3], q.shape[-2]
     T, C = K * K, v.shape[-1]
-    out = np.full(lead + (oH, oW, C), np.nan, q.dtype)
-    stats = np.full(lead + (oH, oW, 2), np.nan, np.float32)
+    q, k, v, g = (guarded(a.shape, a.dtype, a) for a in (q, k, v, g))
+    out = guarded(lead + (oH, oW, C), q.dtype)
+    stats = guarded(lead + (oH, oW, 2), np.float32)
     attrs = (K, s, NORMALIZERS.index(normalizer), BORDERS.index(border), np.float32(eps))
     assert emu.forward(q, k, v, out, stats, *attrs) == ""
-    dq, dk, dv = (np.full(a.shape, np.nan, a.dtype) for a in (q, k, v))
-    w_scratch = np.full(lead + (oH, oW, T), np.nan, np.float32)
-    dlogit_scratch = w_scratch.copy()
+    dq, dk, dv = (guarded(a.shape, a.dtype) for a in (q, k, v))
+    w_scratch = guarded(lead + (oH, oW, T), np.float32)
+    dlogit_scratch = guarded(lead + (oH, oW, T), np.float32)
+    results = (out, stats, dq, dk, dv, w_scratch, dlogit_scratch)
     assert emu.backward(q, k, v, stats, g, dq, dk, dv, w_scratch, dlogit_scratch, *attrs) == ""
-    return out, stats, dq, dk, dv
+    for name, a in zip(RESULT_NAMES, results):
+        assert guards_intact(a), f"{name}: a kernel wrote outside the buffer"
+    return results
 
 
 def reference(q, k, v, g, K, s, normalizer, border, eps):
@@ -165,7 +213,7 @@ def test_matches_reference(emu, env, x64, case):
             tiles = n * -(-H // path) * -(-W // path)
             assert all(grid == tiles for grid, _, _ in launches), (tiles, launches)
 
-    out, stats, dq, dk, dv = got
+    out, stats, dq, dk, dv = got[:5]
     assert np.isfinite(stats).all()
     want = reference(q, k, v, g, K, s, normalizer, border, eps)
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want):
@@ -188,8 +236,7 @@ def test_all_zero_relu_window_gives_exact_zeros(emu, env, border, simple):
     k = (-np.abs(rng.standard_normal((1, H, W, d))) - 0.1).astype(np.float32)
     v = rng.standard_normal((1, H, W, C)).astype(np.float32)
     g = rng.standard_normal((1, H * s, W * s, C)).astype(np.float32)
-    for name, a in zip(("out", "stats", "dq", "dk", "dv"),
-                       run_emulated(emu, q, k, v, g, K, s, "relu", border, 0.0)):
+    for name, a in zip(RESULT_NAMES, run_emulated(emu, q, k, v, g, K, s, "relu", border, 0.0)[:5]):
         assert np.all(a == 0), f"{name} is not exactly zero: max |{name}| = {np.nanmax(np.abs(a))}"
 
 
@@ -217,3 +264,106 @@ def test_malformed_calls_return_errors(emu, env):
     assert "stats has element type float64" in err
     assert emu.take_launches() == [], "a malformed call launched a kernel"
     assert emu.forward(q, k, v, out, stats, 3, 2, 0, 0, eps) == ""  # still usable afterwards
+
+
+# ------------------------------------------------------------------------------------- races
+# The emulator runs the fibers of every barrier interval, and the blocks of every grid, in a
+# chosen order (emu_core.h). Without a race the order cannot matter: each output element is
+# written by one thread and summed in a fixed order, so the results must be bitwise equal.
+SCHEDULES = {"reversed": (1, 0), "shuffled-1": (2, 1), "shuffled-2": (2, 2)}
+
+# Shapes that reach every barrier of the kernels: several tiles per image with two key chunks
+# and two value chunks (tiled), a full 8 x 8 tile with one key chunk and its edge tiles, no
+# channels at all (no chunk loop runs), and the simple kernels with more taps than a warp has
+# lanes.
+PROBES = {
+    "tiled-cap2-2-key-chunks": ((2,), 5, 6, 2, 40, 70, 3, "softmax", "zeros",
+                                {"SAPA_CUDA_TILE_CAP": "2"}),
+    "tiled-full-tile-1-key-chunk": ((1,), 9, 9, 2, 12, 20, 3, "relu", "valid", {}),
+    "tiled-no-channels": ((1,), 3, 4, 2, 0, 0, 3, "softplus", "zeros", {}),
+    "simple-49-taps": ((1,), 3, 4, 2, 40, 37, 7, "sigmoid", "valid",
+                       {"SAPA_CUDA_FORCE_SIMPLE": "1"}),
+}
+
+
+def run_probe(emu, env, probe):
+    lead, H, W, s, d, C, K, normalizer, border, knobs = probe
+    for name in ENV_KNOBS:
+        env.delenv(name, raising=False)
+    for name, value in knobs.items():
+        env.setenv(name, value)
+    rng = np.random.default_rng(3)
+    q, k, v, g = (rng.standard_normal(lead + shape).astype(np.float32)
+                  for shape in ((H * s, W * s, d), (H, W, d), (H, W, C), (H * s, W * s, C)))
+    return [a.copy() for a in run_emulated(emu, q, k, v, g, K, s, normalizer, border, 1e-6)]
+
+
+def differing(a_list, b_list):
+    """Names of the results that are not bitwise equal."""
+    return [name for name, a, b in zip(RESULT_NAMES, a_list, b_list)
+            if not np.array_equal(a.view(np.uint8), b.view(np.uint8))]
+
+
+@pytest.fixture(scope="module")
+def probe_baselines(emu_module):
+    """In-order results of every probe (computed by test_results_do_not_depend_on_schedule)."""
+    return {}
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=PROBES.keys())
+def test_results_do_not_depend_on_schedule(emu, env, probe_baselines, probe):
+    baseline = run_probe(emu, env, PROBES[probe])
+    for a in baseline[:5]:
+        assert np.isfinite(a).all()
+    for schedule, (mode, seed) in SCHEDULES.items():
+        emu.set_schedule(mode, seed)
+        changed = differing(baseline, run_probe(emu, env, PROBES[probe]))
+        assert not changed, f"{schedule} schedule changed {changed}: a race in the kernels"
+    probe_baselines[probe] = baseline
+
+
+def test_every_barrier_is_needed(emu, env, probe_baselines):
+    # Drop each barrier of the CUDA source in turn: some probe under some schedule must then
+    # give different results. That shows the barrier is needed, and that the schedules above
+    # would see a race where that barrier is missing (a barrier that can be dropped unnoticed is
+    # either redundant or guards something no probe reaches; both deserve a look).
+    if set(probe_baselines) != set(PROBES):
+        pytest.skip("needs the baselines of test_results_do_not_depend_on_schedule")
+    unnoticed = []
+    for site in emu.barrier_sites:
+        emu.drop_barrier(site.index)
+        noticed = False
+        for probe in PROBES:
+            for mode, seed in [(0, 0), *SCHEDULES.values()]:
+                emu.set_schedule(mode, seed)
+                if differing(probe_baselines[probe], run_probe(emu, env, PROBES[probe])):
+                    noticed = True
+                    break
+            if noticed:
+                break
+        if not noticed:
+            unnoticed.append(str(site))
+    emu.drop_barrier(-1)
+    assert not unnoticed, "dropping these went unnoticed:\n" + "\n".join(unnoticed)
+
+
+def test_sanitizer_reports_reach_the_tests(emu_module):
+    # The `emu` fixture fails a test on UBSan reports; this shows that such reports exist and look
+    # as it expects. A stats buffer 4 bytes off its float2 alignment (XLA never hands one over)
+    # makes the forward kernel store misaligned. Run in a child process: UBSan reports each
+    # source location only once per process, and this one must stay fresh for the other tests.
+    script = f"""
+import importlib.util, numpy as np
+spec = importlib.util.spec_from_file_location("sapa_cuda_emu", {emu_module.__file__!r})
+emu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(emu)
+q, k, v = np.ones((1, 4, 4, 3), np.float32), np.ones((1, 2, 2, 3), np.float32), np.ones((1, 2, 2, 5), np.float32)
+out = np.zeros((1, 4, 4, 5), np.float32)
+stats = np.zeros(4 * 4 * 2 + 1, np.float32)[1:].reshape(1, 4, 4, 2)
+print(repr(emu.forward(q, k, v, out, stats, 3, 2, 0, 0, np.float32(1e-6))))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reports = [l for l in proc.stderr.splitlines() if emu_build.UBSAN_REPORT in l]
+    assert reports and "misaligned" in reports[0], proc.stderr[-2000:]

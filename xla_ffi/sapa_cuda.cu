@@ -439,7 +439,7 @@ __global__ void __launch_bounds__(kThreads)
   const int npts = t.ncent * P.s2;
 
   zero_shared(wbuf, tap_buffer_size(t, P));  // padded sub-pixels stay 0
-  __syncthreads();
+  __syncthreads();  // the chunk loop's barriers would do, but it has none when d == 0
 
   // Logits, accumulated over chunks of 32 key channels.
   for (int c0 = 0; c0 < P.d; c0 += kChunk) {
@@ -490,7 +490,7 @@ __global__ void __launch_bounds__(kThreads)
 
   zero_shared(wbuf, tap_buffer_size(t, P));
   zero_shared(dbuf, tap_buffer_size(t, P));
-  __syncthreads();
+  __syncthreads();  // the chunk loops' barriers would do, but they have none when d == C == 0
 
   // dw_p = g . v[l + p] over chunks of 32 value channels.
   for (int c0 = 0; c0 < P.C; c0 += kChunk) {
@@ -837,7 +837,6 @@ __global__ void __launch_bounds__(kThreads)
       }
       dq[pt * P.d + c] = from_f<T>(acc);
     }
-    __syncwarp();  // the next point's rows are other memory, but keep lanes in step
   }
 }
 

@@ -7,12 +7,14 @@ import shutil
 import subprocess
 import sysconfig
 
-from .transform import TransformMismatch, transform  # noqa: F401  (re-exported)
+from .transform import TransformMismatch, transform_with_barriers  # noqa: F401  (re-exported)
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CUDA_SOURCE = REPO / "xla_ffi" / "sapa_cuda.cu"
 MODULE = "sapa_cuda_emu"
+UBSAN_CHECKS = "alignment,bounds,signed-integer-overflow"
+UBSAN_REPORT = "runtime error:"  # how every UBSan report begins its message
 
 
 class ToolMissing(RuntimeError):
@@ -40,13 +42,19 @@ def _include_dirs() -> list[str]:
 
 
 def build(out_dir: pathlib.Path):
-    """Rewrites, compiles and imports the emulator module; returns the module."""
+    """Rewrites, compiles and imports the emulator module; returns the module, with the numbered
+    barrier calls of the source as `module.barrier_sites` (transform.BarrierSite)."""
     includes = _include_dirs()
     out_dir = pathlib.Path(out_dir)
-    (out_dir / f"{MODULE}.inc").write_text(transform(CUDA_SOURCE.read_text()))
+    source, sites = transform_with_barriers(CUDA_SOURCE.read_text())
+    (out_dir / f"{MODULE}.inc").write_text(source)
     target = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
     # -O1: the build is part of the test's time budget; -O2 buys little on these tiny shapes.
-    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-w", f"-I{out_dir}",
+    # UBSan reports (on stderr, the run goes on) what x86 would let pass but a GPU would not:
+    # misaligned vector loads and stores, and out-of-range indices into fixed-size arrays; plus
+    # int overflow in the index arithmetic. The tests fail on any such report.
+    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-w",
+           f"-fsanitize={UBSAN_CHECKS}", f"-I{out_dir}",
            *(f"-I{d}" for d in includes), str(HERE / "emu_module.cc"), "-o", str(target)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -55,4 +63,5 @@ def build(out_dir: pathlib.Path):
     spec = importlib.util.spec_from_file_location(MODULE, target)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.barrier_sites = sites
     return module

@@ -73,4 +73,8 @@ PYBIND11_MODULE(sapa_cuda_emu, m) {
     emu::launches.clear();
     return out;
   });
+  // Thread and block order: 0 in order, 1 reversed, 2 shuffled from `seed` (emu_core.h).
+  m.def("set_schedule", &emu::set_schedule, py::arg("mode"), py::arg("seed") = 0);
+  // Barrier the kernels skip (numbers from transform.py), -1 for none.
+  m.def("drop_barrier", [](int index) { emu::dropped_barrier = index; });
 }

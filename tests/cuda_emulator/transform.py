@@ -3,10 +3,16 @@
 Only the two constructs a header cannot emulate are rewritten; everything else (the kernels,
 the planner, the FFI entry points) is compiled unchanged. Each rewrite checks that it still
 matches the .cu, so a change of the CUDA source fails loudly instead of testing stale code.
+
+Every barrier call (`__syncthreads()`, `__syncwarp()`) in the kernels is also numbered and
+wrapped so that the emulator can skip one of them at run time (`emu::dropped_barrier`): the
+tests drop each barrier in turn and check that the race checks notice, which shows both that the
+barrier is needed and that the checks can see its absence.
 """
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 # `extern __shared__ float4 shared4[];` -> a pointer to the emulator's per-block buffer.
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
@@ -17,11 +23,49 @@ ENTRY_POINTS = ("ffi::Error SapaForwardCudaImpl(cudaStream_t stream, ffi::AnyBuf
                 "ffi::Error SapaBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer q,")
 
 
+BARRIER = re.compile(r"\b(__syncthreads|__syncwarp)\(\)")
+
+
 class TransformMismatch(RuntimeError):
     """sapa_cuda.cu no longer has the shape the rewrite expects."""
 
 
+class BarrierSite(NamedTuple):
+    """One barrier call of sapa_cuda.cu: its number in the emulator, where it is, what it says."""
+    index: int
+    line: int
+    call: str
+    comment: str
+
+    def __str__(self):
+        note = f"  // {self.comment}" if self.comment else ""
+        return f"barrier #{self.index} at sapa_cuda.cu:{self.line}: {self.call}(){note}"
+
+
+def number_barriers(src: str) -> tuple[str, list[BarrierSite]]:
+    """Wraps every barrier call in code (not comments) as EMU_BARRIER(index, call())."""
+    sites: list[BarrierSite] = []
+    lines = src.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        code, sep, comment = line.partition("//")
+
+        def wrap(m, line_no=i + 1, comment=comment.strip()):
+            sites.append(BarrierSite(len(sites), line_no, m[1], comment))
+            return f"EMU_BARRIER({len(sites) - 1}, {m[0]})"
+
+        lines[i] = BARRIER.sub(wrap, code) + sep + comment
+    if not sites:
+        raise TransformMismatch("no __syncthreads() or __syncwarp() call found in the kernels")
+    return "".join(lines), sites
+
+
 def transform(src: str) -> str:
+    """The emulator's C++ source; see transform_with_barriers for the numbered barriers."""
+    return transform_with_barriers(src)[0]
+
+
+def transform_with_barriers(src: str) -> tuple[str, list[BarrierSite]]:
+    src, sites = number_barriers(src)  # first, while the line numbers are the .cu's
     src, n_shared = DYNAMIC_SHARED.subn(
         lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(emu::dyn_shared());", src)
     if n_shared == 0:
@@ -47,4 +91,4 @@ def transform(src: str) -> str:
             raise TransformMismatch(
                 f"entry point {entry!r} not found: the FFI implementation functions were "
                 "renamed or their signature changed; update emu_module.cc")
-    return src
+    return src, sites

@@ -5,8 +5,16 @@
 // thread per CUDA thread) and a divergent barrier is reported as an error instead of a hang.
 // Dynamic shared memory is filled with NaN before every block (a read of an unstaged entry
 // poisons the result) and followed by a NaN guard that is checked after the block (overflowing
-// writes). What it cannot see: races inside a barrier interval (fibers run one at a time, in
-// order), memory coalescing, bank conflicts, registers, occupancy and timing.
+// writes).
+//
+// Races. Within a barrier interval each fiber runs alone, start to barrier, so a missing barrier
+// shows up as a thread reading what another has not yet (or has already) written. Which one it
+// sees depends on the order the fibers run in, and that order is a setting (set_schedule):
+// in order, reversed, or shuffled with a seed, both for the threads of every interval and for
+// the blocks of a grid. Race-free kernels give bitwise the same results under every schedule
+// (every thread owns its outputs and sums in a fixed order); the tests compare them. What it
+// cannot see: races whose outcome is the same value either way, memory coalescing, bank
+// conflicts, registers, occupancy and timing.
 #pragma once
 #include <ucontext.h>
 
@@ -17,6 +25,8 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -28,7 +38,7 @@
 #define __shared__
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
-struct float2 { float x, y; };
+struct alignas(8) float2 { float x, y; };  // CUDA's alignment, checked by UBSan
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
 inline float2 make_float2(float a, float b) { return {a, b}; }
@@ -63,6 +73,29 @@ inline std::string last_error_reported;  // what cudaGetErrorString shows
 inline std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute opt-ins
 inline std::vector<Launch> launches;                   // read by the tests
 
+// Order in which fibers (per barrier interval) and blocks (per grid) run; see the header.
+enum class Schedule { kInOrder = 0, kReversed = 1, kShuffled = 2 };
+inline Schedule schedule = Schedule::kInOrder;
+inline std::mt19937_64 schedule_rng;
+
+inline void set_schedule(int mode, uint64_t seed) {
+  schedule = static_cast<Schedule>(mode);
+  schedule_rng.seed(seed);
+}
+
+// Barrier number the kernels skip (transform.py numbers them), -1 for none.
+inline int dropped_barrier = -1;
+
+// 0..n-1 in the current schedule's order.
+inline const std::vector<int>& run_order(int n) {
+  static std::vector<int> order;
+  order.resize(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (schedule == Schedule::kReversed) std::reverse(order.begin(), order.end());
+  if (schedule == Schedule::kShuffled) std::shuffle(order.begin(), order.end(), schedule_rng);
+  return order;
+}
+
 inline float4* dyn_shared() { return shared.data(); }
 
 inline void wait(State s) {
@@ -79,7 +112,8 @@ inline void fiber_entry() {
 // Exited threads count as arrived. Returns an error when nothing can move (divergent barrier).
 inline std::string run_block(int threads) {
   for (;;) {
-    for (cur = 0; cur < threads; ++cur) {
+    for (const int t : run_order(threads)) {
+      cur = t;
       if (fibers[cur].state != State::kRunning) continue;
       cur_thread = dim3{unsigned(cur), 0, 0};
       swapcontext(&scheduler, &fibers[cur].ctx);
@@ -143,8 +177,9 @@ void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
   block_dim = dim3{unsigned(cfg.block), 1, 1};
   grid_dim = dim3{cfg.grid, 1, 1};
   body = [&]() { kernel(args...); };
-  for (unsigned b = 0; b < cfg.grid; ++b) {
-    cur_block = dim3{b, 0, 0};
+  const std::vector<int> block_order = run_order(static_cast<int>(cfg.grid));
+  for (const int b : block_order) {
+    cur_block = dim3{unsigned(b), 0, 0};
     float* f = reinterpret_cast<float*>(shared.data());
     std::fill(f, f + shared.size() * 4, std::nanf(""));
     for (int t = 0; t < cfg.block; ++t) {
@@ -173,6 +208,8 @@ void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
 #define gridDim emu::grid_dim
 
 inline void __syncthreads() { emu::wait(emu::State::kAtBlockBarrier); }
+// A barrier call of the kernels, numbered by transform.py, unless it is the one dropped.
+#define EMU_BARRIER(index, call) ((emu::dropped_barrier == (index)) ? void() : call)
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::State::kAtWarpBarrier); }
 inline float __shfl_xor_sync(unsigned, float x, int lane_mask) {
   const int lane = threadIdx.x & 31;
