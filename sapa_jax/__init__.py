@@ -4,11 +4,27 @@ Functional core (NHWC):  `sapa_upsample`, `similarity`, `normalize`, `assemble`.
 Flax modules:            `sapa_jax.linen.SAPA`, `sapa_jax.nnx.SAPA`.
 PyTorch weights:         `sapa_jax.convert.from_torch` / `to_torch`.
 """
+import importlib
+
 from .core import assemble, ffi_available, normalize, sapa_upsample, similarity
 
-from . import convert, linen, modules, nnx  # Flax modules and PyTorch conversion
+from . import convert, modules  # PyTorch conversion and the module math; no Flax needed
 
 __version__ = "0.1.0"
 
 __all__ = ["sapa_upsample", "similarity", "normalize", "assemble", "ffi_available"]
 __all__ += ["linen", "nnx", "convert", "modules"]
+
+# The Flax wrappers load on first use (`sapa_jax.linen`, `sapa_jax.nnx`), so the functional core
+# imports, and works, even where the installed Flax does not import with the installed JAX.
+_LAZY = ("linen", "nnx")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

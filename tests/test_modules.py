@@ -320,3 +320,20 @@ def test_params_of_another_configuration_are_rejected():
         linen.SAPA(**{**OPTS, "embedding_dim": 8}).apply(variables, y, x)
     with pytest.raises(ValueError, match=r"missing \['qy/kernel'"):
         modules.sapa_apply(variables["params"], y, x, modules.SAPAConfig(variant="G"))
+
+
+def test_core_imports_without_flax_and_wrappers_load_on_use():
+    # The functional core must not depend on Flax importing (a JAX upgrade can break a pinned
+    # Flax); `sapa_jax.linen` / `sapa_jax.nnx` load on first attribute access.
+    import subprocess
+    import sys
+    script = ("import sys, sapa_jax\n"
+              "assert 'flax' not in sys.modules, 'import sapa_jax imported flax'\n"
+              "assert {'linen', 'nnx'} <= set(dir(sapa_jax))\n"
+              "assert sapa_jax.nnx.SAPA.__module__ == 'sapa_jax.nnx'\n"
+              "assert 'flax' in sys.modules\n"
+              "try:\n    sapa_jax.no_such_name\nexcept AttributeError as e:\n"
+              "    assert 'no_such_name' in str(e)\nelse:\n    raise SystemExit('no error')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
