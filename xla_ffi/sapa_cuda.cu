@@ -56,6 +56,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kThreads = 256;            // threads of every block
+constexpr int kTiledBlocksPerSm = 3;     // tiled blocks meant to share a multiprocessor: the
+                                         // planner gives each a third of its shared memory, and
+                                         // __launch_bounds__ caps registers to match (<= 80)
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 32;               // channels per staged chunk in the dot products
 constexpr int kChunkStride = 36;         // its shared row stride: 9 float4, an odd number, so
@@ -429,7 +432,7 @@ __device__ __forceinline__ void assemble_chunk(T* __restrict__ dst, int row_len,
 // with kh = min(TH + 2r, H), kw = min(TW + 2r, W) (see shared_floats on the host).
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     forward_tiled(Params P, const T* __restrict__ q, const T* __restrict__ k,
                   const T* __restrict__ v, T* __restrict__ out, float* __restrict__ stats) {
   extern __shared__ float4 shared4[];
@@ -474,7 +477,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     backward_points_tiled(Params P, const T* __restrict__ q, const T* __restrict__ k,
                           const T* __restrict__ v, const float* __restrict__ stats,
                           const T* __restrict__ g, T* __restrict__ dq, float* __restrict__ w_out,
@@ -639,7 +642,7 @@ __device__ __forceinline__ void gather_chunk(T* __restrict__ dst, int row_len, i
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     backward_lowres_tiled(Params P, const T* __restrict__ q, const T* __restrict__ g,
                           const float* __restrict__ w_in, const float* __restrict__ dlogit_in,
                           T* __restrict__ dk, T* __restrict__ dv) {
@@ -974,7 +977,7 @@ Plan make_plan(Kernel kernel, const Params& P, const DeviceLimits& dev) {
   static const int kCandidates[][2] = {{8, 16}, {8, 8}, {4, 8}, {4, 4}, {2, 4},
                                        {2, 2},  {1, 2}, {1, 1}};
   const int cap = env_int("SAPA_CUDA_TILE_CAP", 1 << 20);
-  const int64_t preferred = std::min<int64_t>(dev.optin, dev.per_sm / 3 - 1024);
+  const int64_t preferred = std::min<int64_t>(dev.optin, dev.per_sm / kTiledBlocksPerSm - 1024);
   for (int pass = 0; pass < 2 && !plan.tiled; ++pass) {
     for (const auto& cand : kCandidates) {
       const int TH = std::min({cand[0], P.H, cap}), TW = std::min({cand[1], P.W, cap});
