@@ -250,6 +250,7 @@ def test_malformed_calls_return_errors(emu, env):
         "kernel_size must be a positive odd": (q, k, v, out, stats, 4, 2, 0, 0, eps),
         "q has shape": (q, k, v, out, stats, 3, 3, 0, 0, eps),  # scale disagrees with q
         "normalizer code": (q, k, v, out, stats, 3, 2, 7, 0, eps),
+        "scale must be <= 46340": (q, k, v, out, stats, 3, 46341, 0, 0, eps),  # s * s overflows
         "v has shape": (q, k, np.zeros((1, 2, 3, 5), f32), out, stats, 3, 2, 0, 0, eps),
         "out has shape": (q, k, v, np.zeros((1, 4, 4, 4), f32), stats, 3, 2, 0, 0, eps),
         "float64 is not supported": (q.astype(np.float64), k.astype(np.float64),
@@ -367,3 +368,52 @@ print(repr(emu.forward(q, k, v, out, stats, 3, 2, 0, 0, np.float32(1e-6))))
     assert proc.returncode == 0, proc.stderr[-2000:]
     reports = [l for l in proc.stderr.splitlines() if emu_build.UBSAN_REPORT in l]
     assert reports and "misaligned" in reports[0], proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ tile planner
+# Shared-memory limits of real GPUs (CUDA programming guide: opt-in maximum per block, total per
+# multiprocessor) and their multiprocessor counts. The emulated launches above all use H100
+# limits; the planner must also choose well, and legally, elsewhere.
+DEVICES = {
+    "A100 (sm_80)": (166912, 167936, 108),
+    "A10 (sm_86)": (101376, 102400, 72),
+    "L4 (sm_89)": (101376, 102400, 58),
+    "H100 (sm_90)": (232448, 233472, 132),
+}
+# n, H, W, s, K, d, C: the benchmark presets and the paper's range (s = 2, K <= 7), which must
+# get the fast path everywhere; then large windows at scale 4, which only have to be legal
+# (backward pass 2 stages every output point of its halo: (TH + K - 1)(TW + K - 1) s^2 rows of
+# 32 channels; it gets fewer than 3 blocks per multiprocessor from K = 9, s = 2 on 100 KB GPUs,
+# K = 7, s = 3 on an A100, K = 9, s = 3 on an H100, and the simple kernel from K = 7, s = 4 on
+# 100 KB GPUs and K = 9, s = 4 on an A100), and a window no tile can hold.
+SHAPES = {
+    "gpu-preset": (8, 64, 64, 2, 5, 32, 256),
+    "cpu-preset": (2, 32, 32, 2, 5, 32, 64),
+    "K7-s2": (2, 24, 40, 2, 7, 64, 512),
+    "K3-s2-narrow": (1, 3, 200, 2, 3, 16, 8),
+    "K9-s4": (2, 24, 40, 4, 9, 64, 512),
+    "K31-s8": (1, 40, 40, 8, 31, 32, 32),
+}
+TYPICAL = ("gpu-preset", "cpu-preset", "K7-s2", "K3-s2-narrow")
+KERNELS = ("forward", "backward pass 1", "backward pass 2")
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=DEVICES.keys())
+def test_tile_planner_respects_device_limits(emu, env, device):
+    optin, per_sm, sms = DEVICES[device]
+    for shape_name, (n, H, W, s, K, d, C) in SHAPES.items():
+        for kernel, kernel_name in enumerate(KERNELS):
+            tiled, TH, TW, smem, blocks = emu.plan(kernel, n, H, W, s, K, d, C, optin, per_sm,
+                                                   sms)
+            where = f"{kernel_name}, {shape_name} on {device}"
+            if shape_name in TYPICAL:
+                # The fast path, with room for the 3 blocks per multiprocessor that the kernels'
+                # __launch_bounds__ are compiled for.
+                assert tiled, f"{where}: fell back to the simple kernel"
+                assert smem <= per_sm // 3, f"{where}: {smem} B shared leaves < 3 blocks per SM"
+            if tiled:
+                assert 0 < smem <= optin, f"{where}: {smem} B shared, the block limit is {optin}"
+                assert 1 <= TH <= H and 1 <= TW <= W, (where, TH, TW)
+                assert blocks == n * -(-H // TH) * -(-W // TW), (where, blocks)
+    # A 31 x 31 window at scale 8 holds 61504 weights per low-res centre: no tile fits.
+    assert not emu.plan(0, 1, 40, 40, 8, 31, 32, 32, optin, per_sm, sms)[0]

@@ -1155,6 +1155,32 @@ class Checker {
   std::string error_;
 };
 
+// The problem part of the parameters (the tile is set by with_tile), from validated sizes.
+Params problem_params(int64_t n, int H, int W, int s, int K, int d, int C, int normalizer,
+                      int border, float eps, bool q_aligned) {
+  Params P{};
+  P.n = n;
+  P.H = H;
+  P.W = W;
+  P.oH = H * s;
+  P.oW = W * s;
+  P.s = s;
+  P.s2 = s * s;
+  P.s2pad = (P.s2 + kSub - 1) / kSub * kSub;
+  P.K = K;
+  P.r = K / 2;
+  P.T = K * K;
+  P.d = d;
+  P.C = C;
+  P.normalizer = normalizer;
+  P.border = border;
+  P.eps = eps;
+  P.TH = P.TW = P.tiles_y = P.tiles_x = 1;
+  P.vstride = C > kChunk ? kValueChunk : kChunk;
+  P.vec_q = d % 4 == 0 && q_aligned;
+  return P;
+}
+
 // Validates attributes and q, k, v; fills the problem part of `P`.
 ffi::Error make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
                        int64_t kernel_size, int64_t scale, int64_t normalizer, int64_t border,
@@ -1181,9 +1207,10 @@ ffi::Error make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
                                        dims_string(qd) + ", " + dims_string(kd) + ", " +
                                        dims_string(vd));
   constexpr int64_t kIntMax = 0x7fffffff;
-  if (scale > kIntMax)
-    return ffi::Error::InvalidArgument("scale must be < 2**31 on GPU, got " +
-                                       std::to_string(scale));
+  constexpr int64_t kMaxScale = 46340;  // scale * scale fits an int
+  if (scale > kMaxScale)
+    return ffi::Error::InvalidArgument("scale must be <= " + std::to_string(kMaxScale) +
+                                       " on GPU, got " + std::to_string(scale));
   const size_t lead = qd.size() - 3;
   const int64_t H = kd[lead], W = kd[lead + 1], d = kd[lead + 2], C = vd[lead + 2];
   Checker check(qd.first(lead));
@@ -1196,28 +1223,11 @@ ffi::Error make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
                                        dims_string(qd) + ", v " + dims_string(vd));
   int64_t n = 1;
   for (size_t i = 0; i < lead; ++i) n *= qd[i];
-
-  *P = Params{};
-  P->n = n;
-  P->H = static_cast<int>(H);
-  P->W = static_cast<int>(W);
-  P->oH = static_cast<int>(H * scale);
-  P->oW = static_cast<int>(W * scale);
-  P->s = static_cast<int>(scale);
-  P->s2 = P->s * P->s;
-  P->s2pad = (P->s2 + kSub - 1) / kSub * kSub;
-  P->K = static_cast<int>(kernel_size);
-  P->r = P->K / 2;
-  P->T = P->K * P->K;
-  P->d = static_cast<int>(d);
-  P->C = static_cast<int>(C);
-  P->normalizer = static_cast<int>(normalizer);
-  P->border = static_cast<int>(border);
-  P->eps = eps;
-  P->TH = P->TW = P->tiles_y = P->tiles_x = 1;
-  P->vstride = P->C > kChunk ? kValueChunk : kChunk;
   const size_t elem = type == ffi::DataType::F32 ? 4 : 2;
-  P->vec_q = P->d % 4 == 0 && reinterpret_cast<uintptr_t>(q.untyped_data()) % (4 * elem) == 0;
+  const bool q_aligned = reinterpret_cast<uintptr_t>(q.untyped_data()) % (4 * elem) == 0;
+  *P = problem_params(n, static_cast<int>(H), static_cast<int>(W), static_cast<int>(scale),
+                      static_cast<int>(kernel_size), static_cast<int>(d), static_cast<int>(C),
+                      static_cast<int>(normalizer), static_cast<int>(border), eps, q_aligned);
   return ffi::Error::Success();
 }
 

@@ -61,10 +61,25 @@ std::string backward(py::array q, py::array k, py::array v, py::array stats, py:
                                       kernel_size, scale, normalizer, border, eps));
 }
 
+// The tile planner's choice for one problem on a device with the given limits:
+// (tiled, TH, TW, dynamic shared bytes, blocks); kernel 0 forward, 1 and 2 backward passes.
+std::tuple<bool, int, int, size_t, int64_t> plan(int kernel, int64_t n, int H, int W, int s,
+                                                 int K, int d, int C, int optin, int per_sm,
+                                                 int sms) {
+  const Params P = problem_params(n, H, W, s, K, d, C, 0, 0, 1e-6f, true);
+  DeviceLimits dev;
+  dev.optin = optin;
+  dev.per_sm = per_sm;
+  dev.sms = sms;
+  const Plan p = make_plan(static_cast<Kernel>(kernel), P, dev);
+  return {p.tiled, p.TH, p.TW, p.shared_bytes, p.blocks};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(sapa_cuda_emu, m) {
   m.def("forward", &forward);
+  m.def("plan", &plan);
   m.def("backward", &backward);
   // (grid, block, dynamic shared bytes) of every launch since the last call; empties the log.
   m.def("take_launches", []() {
