@@ -96,10 +96,24 @@ def emu(emu_module, capfd):
 
 @pytest.fixture
 def env(monkeypatch):
-    """Planner knobs cleared; the test sets the ones it needs."""
-    for name in ENV_KNOBS:
-        monkeypatch.delenv(name, raising=False)
+    """Planner knobs cleared; the test sets the ones it needs (set_knobs)."""
+    set_knobs(monkeypatch, {})
     return monkeypatch
+
+
+def set_knobs(env, knobs):
+    """Exactly these planner knobs in the environment (the kernels read it at every call)."""
+    for name in ENV_KNOBS:
+        env.delenv(name, raising=False)
+    for name, value in knobs.items():
+        env.setenv(name, value)
+
+
+def random_inputs(seed, lead, H, W, s, d, C, dtype):
+    """Standard-normal q, k, v and the cotangent g for a (lead..., H, W) -> (s*H, s*W) problem."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(lead + shape).astype(dtype)
+            for shape in ((H * s, W * s, d), (H, W, d), (H, W, C), (H * s, W * s, C))]
 
 
 def guarded(shape, dtype, fill=None):
@@ -194,11 +208,8 @@ def test_matches_reference(emu, env, x64, case):
     lead, H, W, s, d, C, K, normalizer, border, eps, dtype, knobs, path = case
     if dtype is None:
         pytest.skip("ml_dtypes not available")
-    for name, value in knobs.items():
-        env.setenv(name, value)
-    rng = np.random.default_rng(0)
-    q, k, v, g = (rng.standard_normal(lead + shape).astype(dtype)
-                  for shape in ((H * s, W * s, d), (H, W, d), (H, W, C), (H * s, W * s, C)))
+    set_knobs(env, knobs)
+    q, k, v, g = random_inputs(0, lead, H, W, s, d, C, dtype)
 
     emu.take_launches()
     got = run_emulated(emu, q, k, v, g, K, s, normalizer, border, eps)
@@ -289,13 +300,8 @@ PROBES = {
 
 def run_probe(emu, env, probe):
     lead, H, W, s, d, C, K, normalizer, border, knobs = probe
-    for name in ENV_KNOBS:
-        env.delenv(name, raising=False)
-    for name, value in knobs.items():
-        env.setenv(name, value)
-    rng = np.random.default_rng(3)
-    q, k, v, g = (rng.standard_normal(lead + shape).astype(np.float32)
-                  for shape in ((H * s, W * s, d), (H, W, d), (H, W, C), (H * s, W * s, C)))
+    set_knobs(env, knobs)
+    q, k, v, g = random_inputs(3, lead, H, W, s, d, C, np.float32)
     return [a.copy() for a in run_emulated(emu, q, k, v, g, K, s, normalizer, border, 1e-6)]
 
 
@@ -305,14 +311,8 @@ def differing(a_list, b_list):
             if not np.array_equal(a.view(np.uint8), b.view(np.uint8))]
 
 
-@pytest.fixture(scope="module")
-def probe_baselines(emu_module):
-    """In-order results of every probe (computed by test_results_do_not_depend_on_schedule)."""
-    return {}
-
-
 @pytest.mark.parametrize("probe", PROBES, ids=PROBES.keys())
-def test_results_do_not_depend_on_schedule(emu, env, probe_baselines, probe):
+def test_results_do_not_depend_on_schedule(emu, env, probe):
     baseline = run_probe(emu, env, PROBES[probe])
     for a in baseline[:5]:
         assert np.isfinite(a).all()
@@ -320,16 +320,14 @@ def test_results_do_not_depend_on_schedule(emu, env, probe_baselines, probe):
         emu.set_schedule(mode, seed)
         changed = differing(baseline, run_probe(emu, env, PROBES[probe]))
         assert not changed, f"{schedule} schedule changed {changed}: a race in the kernels"
-    probe_baselines[probe] = baseline
 
 
-def test_every_barrier_is_needed(emu, env, probe_baselines):
+def test_every_barrier_is_needed(emu, env):
     # Drop each barrier of the CUDA source in turn: some probe under some schedule must then
     # give different results. That shows the barrier is needed, and that the schedules above
     # would see a race where that barrier is missing (a barrier that can be dropped unnoticed is
     # either redundant or guards something no probe reaches; both deserve a look).
-    if set(probe_baselines) != set(PROBES):
-        pytest.skip("needs the baselines of test_results_do_not_depend_on_schedule")
+    baselines = {probe: run_probe(emu, env, PROBES[probe]) for probe in PROBES}  # in order
     unnoticed = []
     for site in emu.barrier_sites:
         emu.drop_barrier(site.index)
@@ -337,7 +335,7 @@ def test_every_barrier_is_needed(emu, env, probe_baselines):
         for probe in PROBES:
             for mode, seed in [(0, 0), *SCHEDULES.values()]:
                 emu.set_schedule(mode, seed)
-                if differing(probe_baselines[probe], run_probe(emu, env, PROBES[probe])):
+                if differing(baselines[probe], run_probe(emu, env, PROBES[probe])):
                     noticed = True
                     break
             if noticed:

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sysconfig
 
-from .transform import TransformMismatch, transform_with_barriers  # noqa: F401  (re-exported)
+from .transform import TransformMismatch, transform  # noqa: F401  (re-exported)
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -46,7 +46,7 @@ def build(out_dir: pathlib.Path):
     barrier calls of the source as `module.barrier_sites` (transform.BarrierSite)."""
     includes = _include_dirs()
     out_dir = pathlib.Path(out_dir)
-    source, sites = transform_with_barriers(CUDA_SOURCE.read_text())
+    source, sites = transform(CUDA_SOURCE.read_text())
     (out_dir / f"{MODULE}.inc").write_text(source)
     target = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
     # -O1: the build is part of the test's time budget; -O2 buys little on these tiny shapes.

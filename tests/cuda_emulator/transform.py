@@ -59,12 +59,8 @@ def number_barriers(src: str) -> tuple[str, list[BarrierSite]]:
     return "".join(lines), sites
 
 
-def transform(src: str) -> str:
-    """The emulator's C++ source; see transform_with_barriers for the numbered barriers."""
-    return transform_with_barriers(src)[0]
-
-
-def transform_with_barriers(src: str) -> tuple[str, list[BarrierSite]]:
+def transform(src: str) -> tuple[str, list[BarrierSite]]:
+    """The emulator's C++ source, and the barrier calls it numbered."""
     src, sites = number_barriers(src)  # first, while the line numbers are the .cu's
     src, n_shared = DYNAMIC_SHARED.subn(
         lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(emu::dyn_shared());", src)
