@@ -1,6 +1,7 @@
 """Flax Linen SAPA module: parameters from `modules.param_specs`, forward `modules.sapa_apply`."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -66,13 +67,9 @@ class SAPA(nn.Module):
     bias_init: Callable = default_bias_init
 
     def config(self) -> SAPAConfig:
-        """The validated static options of this module."""
-        return SAPAConfig(
-            variant=self.variant, embedding_dim=self.embedding_dim,
-            kernel_size=self.kernel_size, scale=self.scale, out_dim=self.out_dim,
-            value_proj=self.value_proj, use_bias=self.use_bias, normalizer=self.normalizer,
-            border=self.border, eps=self.eps, impl=self.impl, dtype=self.dtype,
-            param_dtype=self.param_dtype)
+        """The validated static options of this module (its fields that SAPAConfig has)."""
+        return SAPAConfig(**{f.name: getattr(self, f.name)
+                             for f in dataclasses.fields(SAPAConfig)})
 
     @nn.compact
     def __call__(self, y, x):
