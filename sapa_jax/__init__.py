@@ -6,13 +6,15 @@ PyTorch weights:         `sapa_jax.convert.from_torch` / `to_torch`.
 """
 import importlib
 
-from .core import assemble, ffi_available, normalize, sapa_upsample, similarity
+from .core import (FallbackWarning, assemble, ffi_available, ffi_status, normalize,
+                   sapa_upsample, similarity)
 
 from . import convert, modules  # PyTorch conversion and the module math; no Flax needed
 
 __version__ = "0.1.0"
 
-__all__ = ["sapa_upsample", "similarity", "normalize", "assemble", "ffi_available"]
+__all__ = ["sapa_upsample", "similarity", "normalize", "assemble", "ffi_available", "ffi_status",
+           "FallbackWarning"]
 __all__ += ["linen", "nnx", "convert", "modules"]
 
 # The Flax wrappers load on first use (`sapa_jax.linen`, `sapa_jax.nnx`), so the functional core

@@ -1,14 +1,20 @@
 """Argument checks shared by the core, the FFI glue and the Flax modules.
 
 Every error names the argument, the value it got and what was expected: `TypeError` for a
-wrong type, `ValueError` for a wrong value (DESIGN.md section 1).
+wrong type, `ValueError` for a wrong value (docs/design.md §1). Checks that more than one module
+needs live here, and only here.
 """
 from __future__ import annotations
 
 import numbers
+from typing import Any, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+# What the public functions take as an array: anything with shape and dtype (tracers included).
+ArrayIn = Union[jax.Array, np.ndarray]
 
 NORMALIZERS = ("softmax", "relu", "sigmoid", "softplus")
 BORDERS = ("zeros", "valid")
@@ -16,14 +22,15 @@ IMPLS = ("auto", "xla", "ffi")
 VARIANTS = ("I", "B", "P", "G")
 
 
-def _describe(value) -> str:
+def describe(value: Any) -> str:
+    """A value and its type, for error messages."""
     return f"{value!r} (type {type(value).__name__})"
 
 
 def check_int(name: str, value, *, minimum: int, odd: bool = False) -> int:
     """A Python/NumPy integer (not bool) >= minimum, odd when asked."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {_describe(value)}")
+        raise TypeError(f"{name} must be an integer, got {describe(value)}")
     value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -32,9 +39,40 @@ def check_int(name: str, value, *, minimum: int, odd: bool = False) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """A Python or NumPy bool (not an int)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
+    return bool(value)
+
+
+def check_dtype(name: str, value, *, allow_none: bool):
+    """None (when allowed) or a floating dtype, returned as a NumPy dtype."""
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} must be a floating dtype, got None")
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as err:
+        raise TypeError(
+            f"{name} must be a floating dtype (e.g. jnp.float32), got {describe(value)}") from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating dtype, got {dtype.name}")
+    return dtype
+
+
+def check_callable(name: str, value):
+    """An initializer `(key, shape, dtype) -> array`."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable (key, shape, dtype) -> array, "
+                        f"got {describe(value)}")
+    return value
+
+
 def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {list(choices)}, got {_describe(value)}")
+        raise TypeError(f"{name} must be one of {list(choices)}, got {describe(value)}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
@@ -42,7 +80,7 @@ def check_choice(name: str, value, choices) -> str:
 
 def check_eps(eps) -> float:
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {_describe(eps)}")
+        raise TypeError(f"eps must be a real number, got {describe(eps)}")
     eps = float(eps)
     if not (eps >= 0.0) or not np.isfinite(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -24,8 +26,19 @@ from ._partitioning import batch_partitioned
 _MODULES = {"cpu": ("_sapa_cpu", "cpu"), "gpu": ("_sapa_cuda", "CUDA")}
 _SUPPORTED_DTYPES = {"cpu": ("float32", "float64", "bfloat16", "float16"),
                      "gpu": ("float32", "bfloat16", "float16")}
-_registered: dict[str, bool] = {}
-_reasons: dict[str, str] = {}
+
+
+class Status(NamedTuple):
+    """Where the fused kernel of one platform stands (`sapa_jax.ffi_status()`)."""
+    built: bool   # its extension module imported and its targets are registered with XLA
+    usable: bool  # ... and it can run here (GPU: a new enough driver and a device JAX sees)
+    reason: str   # why it is not usable, with the fix; "" when usable
+
+
+PLATFORMS = tuple(_MODULES)           # the platforms a fused kernel exists for
+_modules: dict[str, object] = {}      # platform -> the imported extension module
+_build_errors: dict[str, str] = {}    # platform -> why its module did not import
+_usability: dict[str, str] = {}       # platform -> "" (usable) or why not; probed once, lazily
 
 
 def _register(platform: str) -> None:
@@ -33,24 +46,97 @@ def _register(platform: str) -> None:
     try:
         module = importlib.import_module(f"sapa_jax.{module_name}")
     except ImportError as err:
-        _registered[platform] = False
-        _reasons[platform] = f"extension sapa_jax.{module_name} not importable: {err}"
+        _modules.pop(platform, None)
+        _build_errors[platform] = f"extension sapa_jax.{module_name} not importable: {err}"
         return
     for name, capsule in module.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform=xla_platform)
-    _registered[platform] = True
+    _modules[platform] = module
+    _build_errors.pop(platform, None)
 
 
 for _platform in _MODULES:
     _register(_platform)
 
 
+def source_tree_hint(package_dir: Path | None = None) -> str:
+    """How to get the compiled kernels, naming the usual cause of their absence.
+
+    After a plain `pip install .`, Python run from the clone's root imports the clone's
+    `sapa_jax/` (the current directory comes first on sys.path), which has no compiled module.
+    """
+    package_dir = Path(__file__).resolve().parent if package_dir is None else Path(package_dir)
+    root = package_dir.parent
+    if (root / "pyproject.toml").is_file() and (root / "xla_ffi").is_dir():
+        return (f"sapa_jax was imported from the source tree {package_dir}, which has no "
+                f"compiled kernels (the current directory shadows the installed package); run "
+                f"from another directory, or install the clone in editable mode: "
+                f"pip install --no-build-isolation -e {root}")
+    return "reinstall sapa-jax to build its kernels: pip install --no-build-isolation sapa-jax"
+
+
+def _cuda_version(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def cuda_unusable_reason(probe: Mapping, jax_gpu_count: int) -> str:
+    """"" when the CUDA module can run, else why not (from its `cuda_probe()` and JAX's view)."""
+    driver, runtime = int(probe["driver_version"]), int(probe["runtime_version"])
+    if driver == 0:
+        return "no CUDA driver found (libcuda could not be loaded)"
+    if driver // 1000 < runtime // 1000 or "insufficient" in str(probe["error"]).lower():
+        return (f"the CUDA module was built with CUDA {_cuda_version(runtime)}, but the driver "
+                f"supports CUDA up to {_cuda_version(driver)}; update the driver, or rebuild "
+                f"sapa-jax with a CUDA toolkit the driver supports")
+    if probe["error"]:
+        return f"the CUDA runtime reports: {probe['error']}"
+    if int(probe["device_count"]) == 0:
+        return "no CUDA device visible"
+    if jax_gpu_count == 0:
+        return "JAX sees no GPU (install JAX's CUDA plugin, e.g. pip install 'jax[cuda13]')"
+    return ""
+
+
+def _probe_cuda() -> dict:
+    return _modules["gpu"].cuda_probe()
+
+
+def _jax_gpu_count() -> int:
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:  # no GPU backend
+        return 0
+
+
+def _unusable_reason(platform: str) -> str:
+    if platform in _build_errors:
+        hint = (source_tree_hint() if platform == "cpu" else
+                "it is built at install time when nvcc is found (SAPA_CUDA=ON requires it)")
+        return f"{_build_errors[platform]}; {hint}"
+    if platform not in _modules:
+        return f"no fused kernel for platform {platform!r}"
+    if platform == "cpu":
+        return ""
+    if platform not in _usability:
+        try:
+            _usability[platform] = cuda_unusable_reason(_probe_cuda(), _jax_gpu_count())
+        except Exception as err:  # an old module without the probe, or a failing runtime
+            _usability[platform] = f"the CUDA probe failed: {err}"
+    return _usability[platform]
+
+
+def status(platform: str) -> Status:
+    reason = _unusable_reason(platform)
+    return Status(built=platform in _modules, usable=not reason, reason=reason)
+
+
 def available(platform: str) -> bool:
-    return _registered.get(platform, False)
+    """Is the kernel for `platform` built and able to run here?"""
+    return status(platform).usable
 
 
 def unavailable_reason(platform: str) -> str:
-    return _reasons.get(platform, "unknown platform")
+    return status(platform).reason
 
 
 def supported_dtypes(platform: str):

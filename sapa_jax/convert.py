@@ -9,11 +9,16 @@ recognised by their `detach`/`numpy` methods.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, modules
+
+# A PyTorch state_dict: parameter names to torch tensors or NumPy arrays.
+StateDict = Mapping[str, Any]
 
 __all__ = ["from_torch", "to_torch", "module_options", "load_into_nnx", "expected_keys"]
 
@@ -56,7 +61,7 @@ def _select(state_dict, prefix: str) -> dict:
         raise TypeError(f"state_dict must be a mapping of names to tensors, "
                         f"got {type(state_dict).__name__}")
     if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {_checks._describe(prefix)}")
+        raise TypeError(f"prefix must be a str, got {_checks.describe(prefix)}")
     return {key[len(prefix):]: value for key, value in state_dict.items()
             if isinstance(key, str) and key.startswith(prefix)}
 
@@ -66,13 +71,13 @@ def _infer_flags(keys, variant: str, use_bias, value_proj):
     if value_proj is None:
         value_proj = any(k.startswith("v.") for k in keys)
     else:
-        value_proj = modules._check_bool("value_proj", value_proj)
+        value_proj = _checks.check_bool("value_proj", value_proj)
     if use_bias is None:
         linears = _linear_groups(variant, value_proj)
         # Without Linear layers (variant I, no v) use_bias changes nothing: keep the default.
         use_bias = not linears or any(f"{g}.bias" in keys for g in linears)
     else:
-        use_bias = modules._check_bool("use_bias", use_bias)
+        use_bias = _checks.check_bool("use_bias", use_bias)
     return use_bias, value_proj
 
 
@@ -100,8 +105,9 @@ def _shape(arrays, key, rank):
     return value.shape
 
 
-def module_options(state_dict, *, variant: str, prefix: str = "", use_bias=None,
-                   value_proj=None) -> dict:
+def module_options(state_dict: StateDict, *, variant: str, prefix: str = "",
+                   use_bias: bool | None = None,
+                   value_proj: bool | None = None) -> dict[str, Any]:
     """Module options that follow from the weights: dim_y, dim_x, embedding_dim (not for
     variant I), out_dim, value_proj, use_bias. Keys are checked as in `from_torch`."""
     options, _ = _read(state_dict, variant=variant, prefix=prefix, use_bias=use_bias,
@@ -143,8 +149,9 @@ def _to_flax_tree(arrays) -> dict:
     return params
 
 
-def from_torch(state_dict, *, variant: str, prefix: str = "", use_bias=None, value_proj=None,
-               dtype=None) -> dict:
+def from_torch(state_dict: StateDict, *, variant: str, prefix: str = "",
+               use_bias: bool | None = None, value_proj: bool | None = None,
+               dtype: Any = None) -> dict[str, dict[str, dict[str, jax.Array]]]:
     """Linen variables `{"params": ...}` from a state_dict of the official PyTorch SAPA module.
 
     Args:
@@ -171,7 +178,7 @@ def from_torch(state_dict, *, variant: str, prefix: str = "", use_bias=None, val
                          context="from_torch: shapes inconsistent with each other; "
                                  + modules.describe(config, dim_y, dim_x))
     if dtype is not None:
-        dtype = modules._check_dtype("dtype", dtype, allow_none=False)
+        dtype = _checks.check_dtype("dtype", dtype, allow_none=False)
     params = {g: {leaf: jnp.asarray(v, dtype) for leaf, v in group.items()}
               for g, group in params.items()}
     return {"params": params}
@@ -203,7 +210,7 @@ def _numpy_copy(value) -> np.ndarray:
     return np.array(value, copy=True)
 
 
-def to_torch(variables_or_params, *, variant: str) -> dict[str, np.ndarray]:
+def to_torch(variables_or_params: Any, *, variant: str) -> dict[str, np.ndarray]:
     """NumPy arrays in the official PyTorch layout (keys `q.weight` (out, in), ...).
 
     Accepts Linen variables `{"params": ...}`, the bare params tree, any pytree of the same
@@ -252,7 +259,7 @@ def to_torch(variables_or_params, *, variant: str) -> dict[str, np.ndarray]:
     return out
 
 
-def load_into_nnx(module, state_dict, *, prefix: str = ""):
+def load_into_nnx(module: Any, state_dict: StateDict, *, prefix: str = "") -> Any:
     """Copy an official state_dict into an existing `sapa_jax.nnx.SAPA` (in place; returned).
 
     The keys must be exactly those of the module's configuration and the shapes must match;

@@ -1,27 +1,64 @@
 """Public functional core: `sapa_upsample`, `similarity`, `assemble`, and the backend choice.
 
 `impl="xla"` runs the patch-based jnp reference; `impl="ffi"` the fused C++/CUDA kernels;
-`impl="auto"` the kernel when it is built for the platform the computation runs on and handles
-the dtype, else the jnp path. Set `SAPA_JAX_IMPL=xla` in the environment to force the jnp path
+`impl="auto"` the kernel when it can run on the platform the computation runs on (built, and on
+GPU a new enough driver and a visible device) and handles the dtype, else the jnp path, with one
+`FallbackWarning` per platform when a kernel is missing or cannot run there. Set `SAPA_JAX_IMPL=xla` in the environment to force the jnp path
 everywhere (a switch for debugging and for comparing back ends in a whole model).
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from . import _checks, _ffi, reference
+from ._checks import ArrayIn
+
+
+class FallbackWarning(RuntimeWarning):
+    """`impl="auto"` runs the pure-jnp path because the fused kernel cannot run here."""
+
+
+FfiStatus = _ffi.Status
+_warned_fallback: set[str] = set()
 
 
 def ffi_available(platform: str = "cpu") -> bool:
-    """Is the fused FFI kernel built and registered for `platform` ("cpu" or "gpu")?"""
+    """Can the fused FFI kernel run on `platform` ("cpu" or "gpu")?
+
+    True when its module was built and registered and, for "gpu", the CUDA driver supports the
+    CUDA version the module was built with and a GPU is visible to the driver and to JAX.
+    `ffi_status()` tells "built" from "usable" and says why a kernel cannot run.
+    """
     platform = _checks.check_choice("platform", platform, ("cpu", "gpu", "cuda"))
     return _ffi.available("gpu" if platform == "cuda" else platform)
 
 
-def _current_platform(*arrays) -> str:
+def ffi_status() -> dict[str, FfiStatus]:
+    """`{"cpu": FfiStatus(built, usable, reason), "gpu": ...}` for the fused kernels.
+
+    `built`: the compiled module imported and its targets are registered with XLA. `usable`: it
+    can also run here (what `ffi_available` returns). `reason`: why not, with the fix ("" when
+    usable). The GPU probe (driver and runtime versions, device count) runs once, on first use.
+    """
+    return {platform: _ffi.status(platform) for platform in _ffi.PLATFORMS}
+
+
+def _warn_fallback(platform: str, reason: str) -> None:
+    """One warning per platform: the silent 10x slower path is what users must not miss."""
+    if platform in _warned_fallback or platform not in _ffi.PLATFORMS:
+        return
+    _warned_fallback.add(platform)
+    warnings.warn(
+        f"sapa_jax: impl='auto' runs the pure-jnp path on {platform!r}, about 10x slower than "
+        f"the fused kernel, which cannot run there: {reason}. Pass impl='xla' (or set "
+        f"SAPA_JAX_IMPL=xla) to choose the jnp path explicitly.", FallbackWarning, stacklevel=5)
+
+
+def _current_platform(*arrays: ArrayIn) -> str:
     """Platform of concrete arrays; under tracing, JAX's default backend."""
     for x in arrays:
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
@@ -32,7 +69,7 @@ def _current_platform(*arrays) -> str:
     return jax.default_backend()
 
 
-def resolve_impl(impl: str, dtype, *arrays) -> str:
+def resolve_impl(impl: str, dtype: jnp.dtype, *arrays: ArrayIn) -> str:
     """"xla" or "ffi" for this call (see the module docstring)."""
     forced = os.environ.get("SAPA_JAX_IMPL", "").strip().lower()
     if forced:
@@ -40,22 +77,27 @@ def resolve_impl(impl: str, dtype, *arrays) -> str:
     if impl == "xla":
         return "xla"
     platform = _current_platform(*arrays)
-    supported = _ffi.available(platform) and _ffi.supports_dtype(platform, dtype)
+    status = _ffi.status(platform)
+    supported = _ffi.supports_dtype(platform, dtype)
     if impl == "ffi":
-        if not _ffi.available(platform):
+        if not status.usable:
             raise RuntimeError(
-                f"impl='ffi' was asked for, but the SAPA FFI kernel is not built for platform "
-                f"{platform!r} ({_ffi.unavailable_reason(platform)}); use impl='auto' or 'xla'")
+                f"impl='ffi' was asked for, but the SAPA FFI kernel cannot run on platform "
+                f"{platform!r} ({status.reason}); use impl='auto' or 'xla'")
         if not supported:
             raise ValueError(
                 f"impl='ffi' on {platform!r} does not support dtype {jnp.dtype(dtype).name}; "
                 f"expected one of {_ffi.supported_dtypes(platform)}")
         return "ffi"
+    if not status.usable:
+        _warn_fallback(platform, status.reason)
+        return "xla"
     return "ffi" if supported else "xla"
 
 
-def sapa_upsample(q, k, v, *, kernel_size: int = 5, scale: int = 2, normalizer: str = "softmax",
-                  border: str = "zeros", eps: float = 1e-6, impl: str = "auto"):
+def sapa_upsample(q: ArrayIn, k: ArrayIn, v: ArrayIn, *, kernel_size: int = 5, scale: int = 2,
+                  normalizer: str = "softmax", border: str = "zeros", eps: float = 1e-6,
+                  impl: str = "auto") -> jax.Array:
     """SAPA core: upsample `v` with kernels from the similarity of `q` and `k`.
 
     Args:
@@ -75,7 +117,15 @@ def sapa_upsample(q, k, v, *, kernel_size: int = 5, scale: int = 2, normalizer: 
     """
     opts = _checks.check_core_args(q, k, v, kernel_size=kernel_size, scale=scale,
                                    normalizer=normalizer, border=border, eps=eps, impl=impl)
-    impl = opts.pop("impl")
+    return sapa_upsample_validated(q, k, v, **opts)
+
+
+def sapa_upsample_validated(q: ArrayIn, k: ArrayIn, v: ArrayIn, *, kernel_size: int, scale: int,
+                            normalizer: str, border: str, eps: float, impl: str) -> jax.Array:
+    """`sapa_upsample` on arguments already validated (by `_checks.check_core_args`, or a
+    `SAPAConfig` and inputs of consistent shapes): checks nothing, so callers validate once."""
+    opts = dict(kernel_size=kernel_size, scale=scale, normalizer=normalizer, border=border,
+                eps=eps)
     compute, out_dtype = _checks.compute_dtype(q, k, v)
     if resolve_impl(impl, out_dtype, q, k, v) == "ffi":
         return _ffi.sapa_upsample(q, k, v, **opts)
@@ -83,7 +133,7 @@ def sapa_upsample(q, k, v, *, kernel_size: int = 5, scale: int = 2, normalizer: 
     return reference.sapa_upsample(q, k, v, **opts).astype(out_dtype)
 
 
-def similarity(q, k, *, kernel_size: int = 5, scale: int = 2):
+def similarity(q: ArrayIn, k: ArrayIn, *, kernel_size: int = 5, scale: int = 2) -> jax.Array:
     """Logits `(B, s*H, s*W, K*K)` of every output point against its K x K low-res window.
 
     Tap p = (dy + r) * K + (dx + r) for offsets dy, dx in -r..r; logits of out-of-map taps are 0.
@@ -96,7 +146,7 @@ def similarity(q, k, *, kernel_size: int = 5, scale: int = 2):
     return reference.similarity(q, k, kernel_size=kernel_size, scale=scale).astype(out_dtype)
 
 
-def assemble(w, v, *, kernel_size: int = 5, scale: int = 2):
+def assemble(w: ArrayIn, v: ArrayIn, *, kernel_size: int = 5, scale: int = 2) -> jax.Array:
     """Output `(B, s*H, s*W, C)` = sum over taps of `w[l', p] * v[l + p]` (v = 0 outside)."""
     kernel_size = _checks.check_int("kernel_size", kernel_size, minimum=1, odd=True)
     scale = _checks.check_int("scale", scale, minimum=1)
@@ -112,8 +162,9 @@ def assemble(w, v, *, kernel_size: int = 5, scale: int = 2):
     return reference.assemble(w, v, kernel_size=kernel_size, scale=scale).astype(out_dtype)
 
 
-def normalize(logits, *, normalizer: str = "softmax", border: str = "zeros",
-              eps: float = 1e-6, low_res_shape=None, scale: int = 2):
+def normalize(logits: ArrayIn, *, normalizer: str = "softmax", border: str = "zeros",
+              eps: float = 1e-6, low_res_shape: tuple[int, int] | None = None,
+              scale: int = 2) -> jax.Array:
     """Kernel weights `(B, s*H, s*W, K*K)` from `similarity` logits.
 
     `low_res_shape=(H, W)` is needed for border="valid" (to know which taps are outside).

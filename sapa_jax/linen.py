@@ -6,9 +6,11 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from . import modules
+from ._checks import ArrayIn
 from .modules import SAPAConfig, default_bias_init, default_kernel_init
 
 __all__ = ["SAPA"]
@@ -72,7 +74,7 @@ class SAPA(nn.Module):
                              for f in dataclasses.fields(SAPAConfig)})
 
     @nn.compact
-    def __call__(self, y, x):
+    def __call__(self, y: ArrayIn, x: ArrayIn) -> jax.Array:
         """Upsamples `x` guided by `y`.
 
         Args:
@@ -95,4 +97,5 @@ class SAPA(nn.Module):
         for name, group in specs.items():
             params[name] = self.param(
                 name, lambda key, group=group: modules.init_group(key, group, config.param_dtype))
-        return modules.sapa_apply(params, y, x, config)
+        # Validated above (or created from the specs): the shared body checks nothing again.
+        return modules.apply_validated(params, y, x, config)

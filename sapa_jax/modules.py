@@ -23,7 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from .core import sapa_upsample
+from ._checks import ArrayIn
+from .core import sapa_upsample_validated
+
+# An initializer (key, shape, dtype) -> array, and a parameter tree group -> leaf -> array.
+Initializer = Callable[..., jax.Array]
+Params = Mapping[str, Mapping[str, Any]]
 
 LAYER_NORM_EPS = 1e-5  # the official module's nn.LayerNorm default
 NORM_GROUPS = ("norm_y", "norm_x")
@@ -33,7 +38,7 @@ LINEAR_GROUPS = {"I": (), "B": ("q", "k"), "P": ("q", "k"), "G": ("qy", "qx", "g
 
 # ----------------------------------------------------------------------------- initialisers
 
-def trunc_normal_init(std: float = 0.02, lower: float = -2.0, upper: float = 2.0):
+def trunc_normal_init(std: float = 0.02, lower: float = -2.0, upper: float = 2.0) -> Initializer:
     """Initializer: normal(0, std) truncated to [lower, upper] (absolute bounds, not in stds).
 
     The default (0.02, -2, 2) is the official module's Linear initialisation; with bounds at
@@ -68,36 +73,6 @@ default_bias_init = _zeros
 
 # ----------------------------------------------------------------------------- configuration
 
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {_checks._describe(value)}")
-    return bool(value)
-
-
-def _check_dtype(name: str, value, *, allow_none: bool):
-    """None (when allowed) or a floating dtype, returned as a NumPy dtype."""
-    if value is None:
-        if allow_none:
-            return None
-        raise TypeError(f"{name} must be a floating dtype, got None")
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError as err:
-        raise TypeError(
-            f"{name} must be a floating dtype (e.g. jnp.float32), got "
-            f"{_checks._describe(value)}") from err
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating dtype, got {dtype.name}")
-    return dtype
-
-
-def check_callable(name: str, value):
-    if not callable(value):
-        raise TypeError(f"{name} must be callable (key, shape, dtype) -> array, "
-                        f"got {_checks._describe(value)}")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class SAPAConfig:
     """Static options of a SAPA module, validated on construction.
@@ -129,7 +104,7 @@ class SAPAConfig:
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         checked = dict(
             variant=_checks.check_choice("variant", self.variant, _checks.VARIANTS),
             embedding_dim=_checks.check_int("embedding_dim", self.embedding_dim, minimum=1),
@@ -137,14 +112,14 @@ class SAPAConfig:
             scale=_checks.check_int("scale", self.scale, minimum=1),
             out_dim=(None if self.out_dim is None
                      else _checks.check_int("out_dim", self.out_dim, minimum=1)),
-            value_proj=_check_bool("value_proj", self.value_proj),
-            use_bias=_check_bool("use_bias", self.use_bias),
+            value_proj=_checks.check_bool("value_proj", self.value_proj),
+            use_bias=_checks.check_bool("use_bias", self.use_bias),
             normalizer=_checks.check_choice("normalizer", self.normalizer, _checks.NORMALIZERS),
             border=_checks.check_choice("border", self.border, _checks.BORDERS),
             eps=_checks.check_eps(self.eps),
             impl=_checks.check_choice("impl", self.impl, _checks.IMPLS),
-            dtype=_check_dtype("dtype", self.dtype, allow_none=True),
-            param_dtype=_check_dtype("param_dtype", self.param_dtype, allow_none=False),
+            dtype=_checks.check_dtype("dtype", self.dtype, allow_none=True),
+            param_dtype=_checks.check_dtype("param_dtype", self.param_dtype, allow_none=False),
         )
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -169,7 +144,8 @@ class ParamSpec(NamedTuple):
     init: Callable
 
 
-def check_dims(config: SAPAConfig, dim_y, dim_x, *, names=("dim_y", "dim_x")) -> tuple[int, int]:
+def check_dims(config: SAPAConfig, dim_y: int, dim_x: int, *,
+               names: tuple[str, str] = ("dim_y", "dim_x")) -> tuple[int, int]:
     dim_y = _checks.check_int(names[0], dim_y, minimum=1)
     dim_x = _checks.check_int(names[1], dim_x, minimum=1)
     if config.variant == "I" and dim_y != dim_x:
@@ -191,8 +167,8 @@ def param_specs(config: SAPAConfig, dim_y: int, dim_x: int, *,
     if not isinstance(config, SAPAConfig):
         raise TypeError(f"config must be a SAPAConfig, got {type(config).__name__}")
     dim_y, dim_x = check_dims(config, dim_y, dim_x)
-    check_callable("kernel_init", kernel_init)
-    check_callable("bias_init", bias_init)
+    _checks.check_callable("kernel_init", kernel_init)
+    _checks.check_callable("bias_init", bias_init)
     d = config.query_dim(dim_y, dim_x)
     linears = {
         "q": (dim_y + dim_x, d) if config.variant == "P" else (dim_y, d),
@@ -215,14 +191,15 @@ def param_specs(config: SAPAConfig, dim_y: int, dim_x: int, *,
     return specs
 
 
-def init_group(key, group: Mapping[str, ParamSpec], param_dtype) -> dict[str, jax.Array]:
+def init_group(key: jax.Array, group: Mapping[str, ParamSpec],
+               param_dtype: Any) -> dict[str, jax.Array]:
     """Initialise one group of `param_specs` (one key per leaf, split in spec order)."""
     keys = jax.random.split(key, len(group))
     return {leaf: spec.init(k, spec.shape, param_dtype)
             for k, (leaf, spec) in zip(keys, group.items())}
 
 
-def init_params(key, config: SAPAConfig, dim_y: int, dim_x: int, *,
+def init_params(key: jax.Array, config: SAPAConfig, dim_y: int, dim_x: int, *,
                 kernel_init: Callable = default_kernel_init,
                 bias_init: Callable = default_bias_init) -> dict[str, dict[str, jax.Array]]:
     """A freshly initialised parameter dict for `sapa_apply` (functional use, no Flax)."""
@@ -232,7 +209,8 @@ def init_params(key, config: SAPAConfig, dim_y: int, dim_x: int, *,
             for k, (name, group) in zip(keys, specs.items())}
 
 
-def check_params(params, specs: Mapping[str, Mapping[str, ParamSpec]], *, context: str = ""):
+def check_params(params: Params, specs: Mapping[str, Mapping[str, ParamSpec]], *,
+                 context: str = "") -> None:
     """Raise a ValueError listing every missing, unexpected or wrongly shaped parameter."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict of parameter groups, got {type(params).__name__}")
@@ -281,7 +259,7 @@ def describe(config: SAPAConfig, dim_y: int, dim_x: int) -> str:
             f"value_proj={config.value_proj}, use_bias={config.use_bias}")
 
 
-def check_inputs(y, x, config: SAPAConfig) -> None:
+def check_inputs(y: ArrayIn, x: ArrayIn, config: SAPAConfig) -> None:
     """y high-res `(B, s*H, s*W, Cy)` and x low-res `(B, H, W, Cx)`, floating, consistent."""
     _checks.check_array("y", y)
     _checks.check_array("x", x)
@@ -326,14 +304,15 @@ def nearest_up(a, scale: int):
     return a.reshape(b, h * scale, w * scale, c)
 
 
-def compute_dtype(y, x, params, dtype):
+def compute_dtype(y: ArrayIn, x: ArrayIn, params: Params, dtype: Any) -> np.dtype:
     """The computation dtype: `dtype`, or the promoted dtype of inputs and parameters."""
     if dtype is not None:
         return jnp.dtype(dtype)
     return jnp.dtype(jnp.result_type(y, x, *jax.tree_util.tree_leaves(params)))
 
 
-def project(params, y, x, config: SAPAConfig):
+def project(params: Params, y: ArrayIn, x: ArrayIn,
+            config: SAPAConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Queries, keys and values of the SAPA module (everything before the core).
 
     Args:
@@ -346,12 +325,28 @@ def project(params, y, x, config: SAPAConfig):
       `(q, k, v)`: q `(B, s*H, s*W, d)`, k `(B, H, W, d)`, v `(B, H, W, C)`, all in the
       computation dtype. `sapa_jax.similarity(q, k)` gives the module's logits.
     """
+    validate(params, y, x, config)
+    return project_validated(params, y, x, config)
+
+
+def validate(params: Params, y: ArrayIn, x: ArrayIn, config: SAPAConfig) -> None:
+    """Everything `sapa_apply` checks: the config's type, the inputs and the parameter tree.
+
+    The Flax wrappers run these checks themselves (once per call) and then call
+    `apply_validated`, which checks nothing.
+    """
     if not isinstance(config, SAPAConfig):
         raise TypeError(f"config must be a SAPAConfig, got {type(config).__name__}")
     check_inputs(y, x, config)
     dim_y, dim_x = int(y.shape[-1]), int(x.shape[-1])
     check_params(params, param_specs(config, dim_y, dim_x),
                  context=describe(config, dim_y, dim_x))
+
+
+def project_validated(params: Params, y: ArrayIn, x: ArrayIn,
+                      config: SAPAConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`project` on arguments that `validate` accepted (checks nothing)."""
+    dim_y = int(y.shape[-1])
     dtype = compute_dtype(y, x, params, config.dtype)
     s = config.scale
     y, x = jnp.asarray(y, dtype), jnp.asarray(x, dtype)
@@ -384,7 +379,7 @@ def project(params, y, x, config: SAPAConfig):
     return q, k, v
 
 
-def sapa_apply(params, y, x, config: SAPAConfig):
+def sapa_apply(params: Params, y: ArrayIn, x: ArrayIn, config: SAPAConfig) -> jax.Array:
     """The SAPA module's forward pass as a pure function.
 
     Args:
@@ -396,8 +391,15 @@ def sapa_apply(params, y, x, config: SAPAConfig):
     Returns:
       `(B, s*H, s*W, C)` with `C = config.out_dim or Cx`, in the computation dtype.
     """
-    q, k, v = project(params, y, x, config)
-    out = sapa_upsample(q, k, v, kernel_size=config.kernel_size, scale=config.scale,
-                        normalizer=config.normalizer, border=config.border, eps=config.eps,
-                        impl=config.impl)
+    validate(params, y, x, config)
+    return apply_validated(params, y, x, config)
+
+
+def apply_validated(params: Params, y: ArrayIn, x: ArrayIn, config: SAPAConfig) -> jax.Array:
+    """`sapa_apply` on arguments that `validate` accepted: checks nothing, not even the core's
+    options (a `SAPAConfig` validated them when it was made)."""
+    q, k, v = project_validated(params, y, x, config)
+    out = sapa_upsample_validated(q, k, v, kernel_size=config.kernel_size, scale=config.scale,
+                                  normalizer=config.normalizer, border=config.border,
+                                  eps=config.eps, impl=config.impl)
     return out.astype(q.dtype)

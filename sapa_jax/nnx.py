@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from . import modules
-from .modules import SAPAConfig, default_bias_init, default_kernel_init
+from ._checks import ArrayIn
+from .modules import ParamSpec, SAPAConfig, default_bias_init, default_kernel_init
 
 __all__ = ["SAPA", "ParamGroup"]
 
@@ -20,7 +22,7 @@ __all__ = ["SAPA", "ParamGroup"]
 class ParamGroup(nnx.Module):
     """The parameters of one layer (`scale`/`bias` or `kernel`/`bias`) as `nnx.Param`s."""
 
-    def __init__(self, leaves: Mapping[str, Any]):
+    def __init__(self, leaves: Mapping[str, Any]) -> None:
         self._leaves = tuple(leaves)
         for leaf, value in leaves.items():
             setattr(self, leaf, nnx.Param(value))
@@ -56,7 +58,7 @@ class SAPA(nnx.Module):
                  border: str = "zeros", eps: float = 1e-6, impl: str = "auto",
                  dtype: Any = None, param_dtype: Any = jnp.float32,
                  kernel_init: Callable = default_kernel_init,
-                 bias_init: Callable = default_bias_init, rngs: nnx.Rngs):
+                 bias_init: Callable = default_bias_init, rngs: nnx.Rngs) -> None:
         self.config = SAPAConfig(
             variant=variant, embedding_dim=embedding_dim, kernel_size=kernel_size, scale=scale,
             out_dim=out_dim, value_proj=value_proj, use_bias=use_bias, normalizer=normalizer,
@@ -75,11 +77,11 @@ class SAPA(nnx.Module):
         """The parameters as the nested dict `modules.sapa_apply` and Linen use."""
         return {name: getattr(self, name).arrays() for name in self._groups}
 
-    def param_specs(self):
+    def param_specs(self) -> dict[str, dict[str, ParamSpec]]:
         """`modules.param_specs` of this module (shapes; initialisers are the defaults)."""
         return modules.param_specs(self.config, self.dim_y, self.dim_x)
 
-    def __call__(self, y, x):
+    def __call__(self, y: ArrayIn, x: ArrayIn) -> jax.Array:
         """Upsamples `x` guided by `y`.
 
         Args:
@@ -94,10 +96,15 @@ class SAPA(nnx.Module):
             if array.shape[-1] != dim:
                 raise ValueError(f"{name} must have dim_{name}={dim} channels (last axis), "
                                  f"got shape {tuple(array.shape)}")
-        return modules.sapa_apply(self.params_dict(), y, x, self.config)
+        params = self.params_dict()
+        # The state can be replaced (nnx.update): check it, once, then run the unchecked body.
+        modules.check_params(params, self.param_specs(),
+                             context=modules.describe(self.config, self.dim_y, self.dim_x))
+        return modules.apply_validated(params, y, x, self.config)
 
     @classmethod
-    def from_torch(cls, state_dict, *, variant: str, prefix: str = "", **options):
+    def from_torch(cls, state_dict: Mapping[str, Any], *, variant: str, prefix: str = "",
+                   **options: Any) -> SAPA:
         """A module holding the weights of an official PyTorch SAPA `state_dict`.
 
         Widths (dim_y, dim_x, embedding_dim, out_dim), `value_proj` and `use_bias` are read

@@ -1,5 +1,6 @@
 // pybind11 module handing the CUDA handlers to Python as capsules (see sapa_jax/_ffi.py, which
 // registers them for platform "CUDA" under the same target names as the CPU ones).
+#include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 
 #include "sapa_handlers.h"
@@ -17,5 +18,20 @@ PYBIND11_MODULE(_sapa_cuda, m) {
     targets["sapa_forward"] = Capsule(SapaForwardCuda);
     targets["sapa_backward"] = Capsule(SapaBackwardCuda);
     return targets;
+  });
+  // Can this module's kernels run here? Versions are CUDA's encoding (1000 * major + 10 * minor);
+  // driver_version 0 means no driver could be loaded. sapa_jax/_ffi.py decides from these.
+  m.def("cuda_probe", []() {
+    int driver = 0, runtime = 0, devices = 0;
+    if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+    if (cudaRuntimeGetVersion(&runtime) != cudaSuccess) runtime = 0;
+    const cudaError_t count_status = cudaGetDeviceCount(&devices);
+    if (count_status != cudaSuccess) devices = 0;
+    py::dict probe;
+    probe["driver_version"] = driver;
+    probe["runtime_version"] = runtime;
+    probe["device_count"] = devices;
+    probe["error"] = count_status == cudaSuccess ? "" : cudaGetErrorString(count_status);
+    return probe;
   });
 }
