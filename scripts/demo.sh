@@ -5,5 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "jax>=0.10.2" "pybind11>=2.12" "scikit-build-core>=0.10"
-python -m pip install -q --no-build-isolation -e ".[examples]"
+# shellcheck source=scripts/build_info.sh
+source scripts/build_info.sh
+sapa_build_info   # prints what is built (CPU, CUDA and for which architectures) and why
+python -m pip install -q --no-build-isolation ${SAPA_PIP_ARGS[@]+"${SAPA_PIP_ARGS[@]}"} -e ".[examples]"
+sapa_report_built
 python -m examples.segmentation "$@"

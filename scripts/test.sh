@@ -6,5 +6,9 @@ cd "$(dirname "$0")/.."
 # The kernels are built against the FFI headers of the jaxlib that will run them, hence
 # --no-build-isolation and the build requirements installed first.
 python -m pip install -q "jax>=0.10.2" "pybind11>=2.12" "scikit-build-core>=0.10"
-python -m pip install -q --no-build-isolation -e ".[test,examples]"
+# shellcheck source=scripts/build_info.sh
+source scripts/build_info.sh
+sapa_build_info   # prints what is built (CPU, CUDA and for which architectures) and why
+python -m pip install -q --no-build-isolation ${SAPA_PIP_ARGS[@]+"${SAPA_PIP_ARGS[@]}"} -e ".[test,examples]"
+sapa_report_built
 python -m pytest -q "$@"
