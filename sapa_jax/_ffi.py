@@ -28,7 +28,7 @@ _SUPPORTED_DTYPES = {"cpu": ("float32", "float64", "bfloat16", "float16"),
                      "gpu": ("float32", "bfloat16", "float16")}
 
 
-class Status(NamedTuple):
+class FfiStatus(NamedTuple):
     """Where the fused kernel of one platform stands (`sapa_jax.ffi_status()`)."""
     built: bool   # its extension module imported and its targets are registered with XLA
     usable: bool  # ... and it can run here (GPU: a new enough driver and a device JAX sees)
@@ -125,9 +125,9 @@ def _unusable_reason(platform: str) -> str:
     return _usability[platform]
 
 
-def status(platform: str) -> Status:
+def status(platform: str) -> FfiStatus:
     reason = _unusable_reason(platform)
-    return Status(built=platform in _modules, usable=not reason, reason=reason)
+    return FfiStatus(built=platform in _modules, usable=not reason, reason=reason)
 
 
 def available(platform: str) -> bool:

@@ -22,7 +22,7 @@ class FallbackWarning(RuntimeWarning):
     """`impl="auto"` runs the pure-jnp path because the fused kernel cannot run here."""
 
 
-FfiStatus = _ffi.Status
+FfiStatus = _ffi.FfiStatus
 _warned_fallback: set[str] = set()
 
 

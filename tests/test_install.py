@@ -179,7 +179,7 @@ def test_missing_cpu_module_warns_once_from_a_source_tree(tmp_path):
 # ----------------------------------------------------------------------------- what the scripts build
 
 def _build_info(tmp_path, env_extra, nvcc=True):
-    bin_dir = tmp_path / "bin"
+    bin_dir = tmp_path / ("bin-nvcc" if nvcc else "bin-none")
     bin_dir.mkdir(exist_ok=True)
     if nvcc:
         fake = bin_dir / "nvcc"
