@@ -115,9 +115,10 @@ def test_no_warning_on_platforms_without_a_kernel(monkeypatch):
         assert core.resolve_impl("auto", np.float32) == "xla"
 
 
-@pytest.mark.skipif(not _ffi.status("gpu").built, reason="CUDA module not built")
 def test_real_cuda_probe():
     """The compiled probe answers on any machine, with or without a driver or a GPU."""
+    if "gpu" not in _ffi._modules:
+        pytest.skip("CUDA module not built")
     probe = _ffi._modules["gpu"].cuda_probe()
     assert set(probe) == {"driver_version", "runtime_version", "device_count", "error"}
     assert probe["runtime_version"] >= 11000
