@@ -2,7 +2,7 @@
 
 Times forward and forward+backward (median of repeated runs after warm-up, jit-compiled), reports
 peak memory from XLA's buffer assignment of each compiled program (arguments + outputs + temps),
-and on GPU the achieved forward bandwidth against the HBM line of DESIGN.md section 4.
+and on GPU the achieved forward bandwidth against the HBM line (docs/design.md §3).
 
     python benchmarks/bench_core.py                    # CPU preset, f32
     python benchmarks/bench_core.py --preset gpu --dtype bfloat16

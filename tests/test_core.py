@@ -22,7 +22,7 @@ H_FUNCS = {
 
 
 def loop_oracle(q, k, v, kernel_size, scale, normalizer="softmax", border="zeros", eps=1e-6):
-    """DESIGN.md section 1 written as plain loops over output points and taps (float64)."""
+    """docs/design.md §1 written as plain loops over output points and taps (float64)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     batch, out_h, out_w, _ = q.shape
     height, width, channels = v.shape[1:]

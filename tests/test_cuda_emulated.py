@@ -185,7 +185,7 @@ CASES = {
     "softmax-valid-s4-K1": ((1,), 3, 4, 4, 3, 13, 1, "softmax", "valid", 1e-6, np.float32, {},
                             "tiled"),
     # K = 1 with an h-normaliser: w = h / (h + eps) is 1 - O(eps), so dlogit = h' eps dw / (h +
-    # eps)^2 is all cancellation unless computed in DESIGN.md's cancellation-free form (the
+    # eps)^2 is all cancellation unless computed in docs/design.md §2's cancellation-free form (the
     # kernels once used h' (dw_p - sum_j w_j dw_j) / (S + eps) and lost ~3 digits here).
     "softplus-zeros-s4-K1": ((1,), 3, 4, 4, 3, 13, 1, "softplus", "zeros", 1e-6, np.float32, {},
                              "tiled"),

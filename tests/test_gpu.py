@@ -193,7 +193,7 @@ def test_backward_is_deterministic():
 
 @pytest.mark.gpu
 def test_large_shape():
-    # The benchmark shape of DESIGN.md section 4: out is 8 x 128 x 128 x 256.
+    # The benchmark shape of docs/design.md §3: out is 8 x 128 x 128 x 256.
     got = _compare(8, 64, 64, 2, 32, 256, 5, "softmax", "zeros", seed=11)
     assert got[0].shape == (8, 128, 128, 256)
 

@@ -1,6 +1,6 @@
 """An independent PyTorch implementation of SAPA, the oracle of the parity tests.
 
-Written from the operator's definition (DESIGN.md section 1), not from the JAX code: windows
+Written from the operator's definition (docs/design.md §1), not from the JAX code: windows
 come from `F.unfold` (channel-major, then kernel rows, then kernel columns, so tap
 p = (dy + r) * K + (dx + r)), the border mask from unfolding a map of ones, the P and G queries
 from the literal high-res concatenation / mix. The module follows the official one: NCHW at

@@ -1,4 +1,4 @@
-// Fused SAPA core for XLA:CPU (DESIGN.md sections 1 and 3; layout and shared index, border and
+// Fused SAPA core for XLA:CPU (docs/design.md §1 and §3; layout and shared index, border and
 // normaliser logic in sapa_common.h).
 //
 // Forward: for each output row, the K*K logits q . k of every point, their normalisation and
@@ -602,7 +602,7 @@ struct Kernel {
   // dw_t = g . v[l + t] and the stats. Outside taps have the constant logit 0: no gradient.
   //   softmax:   dlogit_t = w_t (dw_t - sum_u w_u dw_u)
   //   h / (S + eps): dlogit_t = h'(x_t) (eps dw_t + sum_u h_u (dw_t - dw_u)) / (S + eps)^2,
-  // the cancellation-free form of DESIGN.md: with w_u = h_u / (S + eps) summing to nearly 1,
+  // the cancellation-free form of docs/design.md §2: with w_u = h_u / (S + eps) summing to nearly 1,
   // dw_t - sum_u w_u dw_u would lose the eps / S part that the gradient consists of.
   SAPA_INLINE void logit_gradients(const A* logit, const A* w, const A* dw, const A* st0,
                                    const uint8_t* inside, A* h, A* mean, A* dl) const {

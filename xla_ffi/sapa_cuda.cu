@@ -1,4 +1,4 @@
-// Fused SAPA core for XLA:GPU (CUDA). Contract: DESIGN.md sections 1, 3 and 4; layouts, tap
+// Fused SAPA core for XLA:GPU (CUDA). Contract: docs/design.md §1 to §3; layouts, tap
 // order, border rule and normaliser statistics: sapa_common.h; handler signature:
 // sapa_handlers.h.
 //
@@ -124,7 +124,7 @@ template <typename F> __device__ __forceinline__ F warp_sum(F x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
-// dlogit of one inside tap. softmax: w_p (dw_p - sum_j w_j dw_j). h / (S + eps): DESIGN.md's
+// dlogit of one inside tap. softmax: w_p (dw_p - sum_j w_j dw_j). h / (S + eps): docs/design.md §2's
 // cancellation-free h'(x_p) (eps dw_p + sum_j h_j (dw_p - dw_j)) / (S + eps)^2, which with
 // w_j = h_j inv (inv = 1 / (S + eps), stats.x) is h'(x_p) inv (eps inv dw_p + dw_p W - M) for
 // W = sum_j w_j, M = sum_j w_j dw_j. W and M come in double: products of floats are exact there,
