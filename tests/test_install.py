@@ -97,6 +97,18 @@ def test_auto_falls_back_with_one_warning_when_the_cuda_kernel_cannot_run(fake_c
         assert core.resolve_impl("xla", np.float32) == "xla"
 
 
+def test_auto_on_a_gpu_without_the_cuda_module_says_why(monkeypatch):
+    """JAX runs on a GPU but the install found no nvcc: jnp, with one warning naming the fix."""
+    monkeypatch.delenv("SAPA_JAX_IMPL", raising=False)
+    monkeypatch.delitem(_ffi._modules, "gpu", raising=False)
+    monkeypatch.setitem(_ffi._build_errors, "gpu", "extension sapa_jax._sapa_cuda not importable")
+    monkeypatch.setattr(core, "_current_platform", lambda *arrays: "gpu")
+    monkeypatch.setattr(core, "_warned_fallback", set())
+    assert sapa_jax.ffi_status()["gpu"][:2] == (False, False)
+    with pytest.warns(sapa_jax.FallbackWarning, match="nvcc"):
+        assert core.resolve_impl("auto", np.float32) == "xla"
+
+
 def test_auto_picks_the_cuda_kernel_when_usable(fake_cuda, monkeypatch):
     fake_cuda(PROBE_OK)
     monkeypatch.setattr(core, "_current_platform", lambda *arrays: "gpu")
