@@ -1,6 +1,8 @@
 """sapa-jax: SAPA (Similarity-Aware Point Affiliation) feature upsampling for JAX and Flax.
 
 Functional core (NHWC):  `sapa_upsample`, `similarity`, `normalize`, `assemble`.
+Kernel availability:     `ffi_available(platform)` (usable here), `ffi_status()` (built / usable /
+                         why not).
 Flax modules:            `sapa_jax.linen.SAPA`, `sapa_jax.nnx.SAPA`.
 PyTorch weights:         `sapa_jax.convert.from_torch` / `to_torch`.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -68,11 +69,26 @@ def source_tree_hint(package_dir: Path | None = None) -> str:
     package_dir = Path(__file__).resolve().parent if package_dir is None else Path(package_dir)
     root = package_dir.parent
     if (root / "pyproject.toml").is_file() and (root / "xla_ffi").is_dir():
+        installed = _installed_package_dir()
+        shadowed = (f"it shadows the sapa-jax installed in {installed}"
+                    if installed is not None and installed != package_dir
+                    else "Python looks in the current directory first")
         return (f"sapa_jax was imported from the source tree {package_dir}, which has no "
-                f"compiled kernels (the current directory shadows the installed package); run "
-                f"from another directory, or install the clone in editable mode: "
-                f"pip install --no-build-isolation -e {root}")
+                f"compiled kernels ({shadowed}); run from another directory, or install the "
+                f"clone in editable mode: pip install --no-build-isolation -e {root}")
     return "reinstall sapa-jax to build its kernels: pip install --no-build-isolation sapa-jax"
+
+
+def _installed_package_dir() -> Path | None:
+    """Where the installed distribution keeps its compiled CPU module, if anywhere."""
+    try:
+        files = importlib.metadata.distribution("sapa-jax").files or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name.startswith("_sapa_cpu"):
+            return Path(file.locate()).resolve().parent
+    return None
 
 
 def _cuda_version(code: int) -> str:

@@ -187,6 +187,7 @@ def test_missing_cpu_module_warns_once_from_a_source_tree(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("FallbackWarning") == 1, result.stderr
     assert "source tree" in result.stderr and "pip install --no-build-isolation -e" in result.stderr
+    assert "it shadows the sapa-jax installed in" in result.stderr  # this checkout's own install
 
 
 # ----------------------------------------------------------------------------- what the scripts build
