@@ -3,8 +3,9 @@
 `impl="xla"` runs the patch-based jnp reference; `impl="ffi"` the fused C++/CUDA kernels;
 `impl="auto"` the kernel when it can run on the platform the computation runs on (built, and on
 GPU a new enough driver and a visible device) and handles the dtype, else the jnp path, with one
-`FallbackWarning` per platform when a kernel is missing or cannot run there. Set `SAPA_JAX_IMPL=xla` in the environment to force the jnp path
-everywhere (a switch for debugging and for comparing back ends in a whole model).
+`FallbackWarning` per platform when a kernel is missing or cannot run there. Set
+`SAPA_JAX_IMPL=xla` in the environment to force the jnp path everywhere (a switch for debugging
+and for comparing back ends in a whole model).
 """
 from __future__ import annotations
 

@@ -148,7 +148,7 @@ def test_cuda_kernel_usable_on_a_gpu_machine():
     assert sapa_jax.ffi_status()["gpu"] == (True, True, "")
 
 
-# ----------------------------------------------------------------------------- source-tree shadowing
+# ---------------------------------------------------------------------- source-tree shadowing
 
 def test_source_tree_hint_names_cause_and_fix(tmp_path):
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'sapa-jax'\n")
@@ -190,7 +190,7 @@ def test_missing_cpu_module_warns_once_from_a_source_tree(tmp_path):
     assert "it shadows the sapa-jax installed in" in result.stderr  # this checkout's own install
 
 
-# ----------------------------------------------------------------------------- what the scripts build
+# ---------------------------------------------------------------------- what the scripts build
 
 def _build_info(tmp_path, env_extra, nvcc=True):
     bin_dir = tmp_path / ("bin-nvcc" if nvcc else "bin-none")
