@@ -7,6 +7,7 @@ PyTorch weights:         `sapa_jax.convert.from_torch` / `to_torch`.
 import importlib
 
 from .core import assemble, ffi_available, normalize, sapa_upsample, similarity
+from .carafe import carafe_upsample  # CARAFE core (docs/design.md section 5)
 
 from . import convert, modules  # PyTorch conversion and the module math; no Flax needed
 

@@ -232,8 +232,11 @@ def init_params(key, config: SAPAConfig, dim_y: int, dim_x: int, *,
             for k, (name, group) in zip(keys, specs.items())}
 
 
-def check_params(params, specs: Mapping[str, Mapping[str, ParamSpec]], *, context: str = ""):
-    """Raise a ValueError listing every missing, unexpected or wrongly shaped parameter."""
+def check_params(params, specs: Mapping[str, Mapping[str, ParamSpec]], *, context: str = "",
+                 what: str = "SAPA"):
+    """Raise a ValueError listing every missing, unexpected or wrongly shaped parameter.
+
+    `what` names the module in the message (the CARAFE module reuses this check)."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict of parameter groups, got {type(params).__name__}")
     missing, unexpected, wrong = [], [], []
@@ -270,7 +273,7 @@ def check_params(params, specs: Mapping[str, Mapping[str, ParamSpec]], *, contex
         if wrong:
             parts.append(f"wrong shapes {wrong}")
         suffix = f" ({context})" if context else ""
-        raise ValueError(f"params do not match the SAPA configuration{suffix}: "
+        raise ValueError(f"params do not match the {what} configuration{suffix}: "
                          + "; ".join(parts))
 
 
