@@ -114,8 +114,9 @@ def main(argv=None) -> int:
         }
 
     base = rows.get("carafe")
+    ratios = f"{'fwd / carafe':>14}{'f+b / carafe':>14}" if base else ""
     print(f"\n{'upsampler':<14}{'params':>9}{'forward ms':>12}{'fwd+bwd ms':>12}"
-          f"{'peak fwd+bwd MiB':>18}" + (f"{'fwd / carafe':>14}{'f+b / carafe':>14}" if base else ""))
+          f"{'peak fwd+bwd MiB':>18}{ratios}")
     for name, row in rows.items():
         peak = row["peak_bytes_forward+backward"]
         line = (f"{name:<14}{row['params']:>9}{row['forward'] * 1e3:>12.3f}"

@@ -44,7 +44,8 @@ def _normalise_loop(logits, normalizer, eps):
 
 
 def carafe_loop(x, logits, kernel_size, scale, groups, normalizer="softmax", eps=1e-6):
-    """out[n, i', j', c] = sum_{ky, kx} w[n, i', j', g(c)*K*K + ky*K + kx] x[n, i'//s + ky - r, ...]."""
+    """out[n, i', j', c] = sum_{ky, kx} w[n, i', j', g(c)*K*K + ky*K + kx]
+    * x[n, i'//s + ky - r, j'//s + kx - r, c], zero outside the map."""
     batch, height, width, channels = x.shape
     r, taps, per_group = kernel_size // 2, kernel_size * kernel_size, channels // groups
     out = np.zeros((batch, height * scale, width * scale, channels))
@@ -59,7 +60,8 @@ def carafe_loop(x, logits, kernel_size, scale, groups, normalizer="softmax", eps
                         for kx in range(kernel_size):
                             i, j = i2 // scale + ky - r, j2 // scale + kx - r
                             if 0 <= i < height and 0 <= j < width:
-                                out[n, i2, j2, chans] += w[ky * kernel_size + kx] * x[n, i, j, chans]
+                                tap = w[ky * kernel_size + kx]
+                                out[n, i2, j2, chans] += tap * x[n, i, j, chans]
     return out
 
 
@@ -67,7 +69,8 @@ def _core_inputs(seed, b, h, w, s, c, groups, ksize):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((b, h, w, c))
     logits = 2.0 * rng.standard_normal((b, h * s, w * s, groups * ksize * ksize))
-    logits[:, 0, :, :] = -np.abs(logits[:, 0, :, :])  # a row of all-negative (relu: all-zero) windows
+    # first output row all negative: all-zero windows for relu
+    logits[:, 0, :, :] = -np.abs(logits[:, 0, :, :])
     return x, logits
 
 
@@ -341,8 +344,9 @@ def test_gradient_pytree_to_torch_layout():
         variables["params"])
     as_torch = convert.carafe_to_torch(grads)
     assert {k: v.shape for k, v in as_torch.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    kernel_grad = np.asarray(grads["content_encoder"]["kernel"])
     np.testing.assert_array_equal(as_torch["content_encoder.weight"],
-                                  np.asarray(grads["content_encoder"]["kernel"]).transpose(3, 2, 0, 1))
+                                  kernel_grad.transpose(3, 2, 0, 1))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -441,7 +445,9 @@ def test_jit_grad_vmap_and_nan(x64):
     np.testing.assert_allclose(np.asarray(stacked), np.asarray(out), rtol=0, atol=1e-13)
     # grad against central differences of the oracle in one direction
     direction = np.random.default_rng(0).standard_normal(logits.shape)
-    grad = jax.grad(lambda l: jnp.sum(fn(jnp.asarray(x), l) ** 2))(jnp.asarray(logits))
+    grad_fn = jax.jit(jax.grad(lambda l: jnp.sum(fn(jnp.asarray(x), l) ** 2)))
+    grad = grad_fn(jnp.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(grad_fn(jnp.asarray(logits))), np.asarray(grad))
     h = 1e-6
     f = lambda l: np.sum(carafe_loop(x, l, ksize, s, groups) ** 2)  # noqa: E731
     numeric = (f(logits + h * direction) - f(logits - h * direction)) / (2 * h)
