@@ -281,3 +281,136 @@ def load_into_nnx(module: Any, state_dict: StateDict, *, prefix: str = "") -> An
             variable = getattr(holder, leaf)
             variable.set_value(jnp.asarray(value, variable[...].dtype))
     return module
+
+
+# ----------------------------------------------------------------------------- CARAFE
+# mmcv `CARAFEPack` state_dict: `channel_compressor.weight` (Cm, C, 1, 1) and `.bias` (Cm,),
+# `content_encoder.weight` (groups*K*K*s*s, Cm, k, k) and `.bias`. The Flax tree has the same
+# group names with `kernel` in conv layout (kh, kw, in, out) and `bias`.
+
+__all__ += ["carafe_from_torch", "carafe_to_torch", "carafe_module_options",
+            "carafe_load_into_nnx", "CARAFE_KEYS"]
+
+CARAFE_KEYS = ("channel_compressor.weight", "channel_compressor.bias",
+               "content_encoder.weight", "content_encoder.bias")
+
+
+def _carafe_read(state_dict, prefix: str):
+    """Checked NumPy arrays of a CARAFEPack state_dict and the widths they imply."""
+    selected = _select(state_dict, prefix)
+    missing = [k for k in CARAFE_KEYS if k not in selected]
+    unexpected = sorted(k for k in selected if k not in CARAFE_KEYS)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        raise ValueError("state_dict does not match an mmcv CARAFEPack: " + "; ".join(parts)
+                         + f" (expected exactly {list(CARAFE_KEYS)})")
+    arrays = {key: _to_numpy(prefix + key, value) for key, value in selected.items()}
+    mid, channels, kh, kw = _shape(arrays, "channel_compressor.weight", 4)
+    if (kh, kw) != (1, 1):
+        raise ValueError(f"state_dict['channel_compressor.weight'] must be a 1x1 conv "
+                         f"(Cm, C, 1, 1), got shape {(mid, channels, kh, kw)}")
+    out, enc_in, ek, ek2 = _shape(arrays, "content_encoder.weight", 4)
+    if ek != ek2 or ek % 2 == 0:
+        raise ValueError(f"state_dict['content_encoder.weight'] must have a square, odd "
+                         f"kernel (E, Cm, k, k), got shape {(out, enc_in, ek, ek2)}")
+    if enc_in != mid:
+        raise ValueError(f"state_dict['content_encoder.weight'] must take the compressor's "
+                         f"{mid} channels as input, got shape {(out, enc_in, ek, ek2)}")
+    for key, width in (("channel_compressor.bias", mid), ("content_encoder.bias", out)):
+        if tuple(_shape(arrays, key, 1)) != (width,):
+            raise ValueError(f"state_dict[{key!r}] must have shape ({width},), "
+                             f"got {tuple(arrays[key].shape)}")
+    options = dict(channels=int(channels), compressed_channels=int(mid),
+                   encoder_kernel=int(ek), encoder_channels=int(out))
+    return options, arrays
+
+
+def carafe_module_options(state_dict, *, prefix: str = "") -> dict:
+    """Widths that follow from CARAFEPack weights: channels, compressed_channels,
+    encoder_kernel and encoder_channels (= groups*K*K*s*s). Keys are checked as in
+    `carafe_from_torch`."""
+    options, _ = _carafe_read(state_dict, prefix)
+    return options
+
+
+def carafe_from_torch(state_dict, *, prefix: str = "", dtype=None) -> dict:
+    """Linen variables `{"params": ...}` for `sapa_jax.linen.CARAFE` from an mmcv CARAFEPack
+    state_dict (torch tensors or NumPy arrays).
+
+    Args:
+      state_dict: mapping with exactly the keys `CARAFE_KEYS` (after `prefix`).
+      prefix: only keys starting with it are read, with it removed (e.g. "neck.upsample.").
+      dtype: dtype of the returned arrays (default: as stored; float64 needs jax x64 mode).
+
+    Raises:
+      ValueError: listing the missing and unexpected keys, or on inconsistent shapes.
+    """
+    _, arrays = _carafe_read(state_dict, prefix)
+    if dtype is not None:
+        dtype = modules._check_dtype("dtype", dtype, allow_none=False)
+    params: dict = {}
+    for key, value in arrays.items():
+        group, leaf = key.split(".")
+        if leaf == "weight":  # (out, in, kh, kw) -> (kh, kw, in, out)
+            leaf, value = "kernel", np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+        params.setdefault(group, {})[leaf] = jnp.asarray(value, dtype)
+    return {"params": params}
+
+
+def carafe_to_torch(variables_or_params) -> dict[str, np.ndarray]:
+    """NumPy arrays in mmcv CARAFEPack's layout, keyed by `CARAFE_KEYS`.
+
+    Accepts Linen variables, the bare params tree, any pytree of the same structure (e.g.
+    gradients), an `nnx.CARAFE` module or its `nnx.State`. Arrays keep their dtype.
+    """
+    params = _as_params_dict(variables_or_params)
+    groups = ("channel_compressor", "content_encoder")
+    missing = [g for g in groups if g not in params]
+    unexpected = sorted(str(g) for g in params if g not in groups)
+    for group in groups:
+        leaves = params.get(group)
+        if leaves is None:
+            continue
+        if not isinstance(leaves, Mapping):
+            raise TypeError(f"params[{group!r}] must be a dict, got {type(leaves).__name__}")
+        missing += [f"{group}/{leaf}" for leaf in ("kernel", "bias") if leaf not in leaves]
+        unexpected += [f"{group}/{leaf}" for leaf in leaves if leaf not in ("kernel", "bias")]
+    if missing or unexpected:
+        raise ValueError(f"parameters do not match a CARAFE module: missing {missing}, "
+                         f"unexpected {unexpected}")
+    out = {}
+    for group in groups:
+        kernel = _numpy_copy(params[group]["kernel"])
+        if kernel.ndim != 4:
+            raise ValueError(f"{group}/kernel must have rank 4 (kh, kw, in, out), "
+                             f"got shape {kernel.shape}")
+        out[f"{group}.weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+        out[f"{group}.bias"] = _numpy_copy(params[group]["bias"])
+    return out
+
+
+def carafe_load_into_nnx(module, state_dict, *, prefix: str = ""):
+    """Copy a CARAFEPack state_dict into an existing `sapa_jax.nnx.CARAFE` (in place; returned).
+
+    Shapes must match the module's configuration; values are cast to the dtype of the
+    module's parameters.
+    """
+    from .carafe_modules import CARAFEConfig, describe
+
+    if not (isinstance(getattr(module, "config", None), CARAFEConfig)
+            and hasattr(module, "params_dict")):
+        raise TypeError(f"module must be a sapa_jax.nnx.CARAFE, got {type(module).__name__}")
+    params = carafe_from_torch(state_dict, prefix=prefix)["params"]
+    modules.check_params(params, module.param_specs(), what="CARAFE",
+                         context="state_dict vs module: "
+                                 + describe(module.config, module.channels))
+    for group, leaves in params.items():
+        holder = getattr(module, group)
+        for leaf, value in leaves.items():
+            variable = getattr(holder, leaf)
+            variable.set_value(jnp.asarray(value, variable[...].dtype))
+    return module

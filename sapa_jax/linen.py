@@ -99,3 +99,84 @@ class SAPA(nn.Module):
                 name, lambda key, group=group: modules.init_group(key, group, config.param_dtype))
         # Validated above (or created from the specs): the shared body checks nothing again.
         return modules.apply_validated(params, y, x, config)
+
+
+# ----------------------------------------------------------------------------- CARAFE
+
+from . import carafe_modules  # noqa: E402  (appended section: the CARAFE wrapper)
+from .carafe_modules import CARAFEConfig  # noqa: E402
+
+__all__ += ["CARAFE"]
+
+
+class CARAFE(nn.Module):
+    """CARAFE feature upsampling (Content-Aware ReAssembly of FEatures, mmcv `CARAFEPack`).
+
+    Predicts one K x K kernel per output point and channel group from `x` itself and
+    reassembles `x` with it::
+
+      logits = pixel_shuffle(content_encoder(channel_compressor(x)), scale)
+      out    = sapa_jax.carafe_upsample(x, logits, kernel_size, scale, groups)
+
+    Example::
+
+      model = CARAFE(scale=2, kernel_size=5)
+      variables = model.init(jax.random.key(0), x)
+      out = model.apply(variables, x)           # (B, 2H, 2W, C)
+
+    Attributes:
+      scale: integer upsampling factor s >= 1.
+      kernel_size: odd reassembly window K >= 1.
+      groups: channel groups (C must be divisible by it), one kernel each.
+      encoder_kernel: odd kernel size of the content encoder conv.
+      encoder_dilation: dilation of the content encoder conv.
+      compressed_channels: output channels of the 1x1 channel compressor.
+      normalizer: "softmax" (mmcv's), or "relu" | "sigmoid" | "softplus" (h / (sum h + eps)).
+      eps: eps of the h-normalisers.
+      impl: core back end, "auto", "xla" or "ffi" (no fused CARAFE kernel yet: "ffi" raises).
+      dtype: the dtype of the computation (default: infer from input and params).
+      param_dtype: the dtype passed to parameter initializers (default: float32).
+      kernel_init: initializer of the compressor kernel (default: xavier-uniform, as mmcv).
+      encoder_init: initializer of the encoder kernel (default: normal(0, 0.001), as mmcv).
+      bias_init: initializer of both biases (default: zeros).
+
+    Parameters: `channel_compressor` and `content_encoder`, each with `kernel`
+    (kh, kw, in, out) and `bias`.
+    """
+    scale: int = 2
+    kernel_size: int = 5
+    groups: int = 1
+    encoder_kernel: int = 3
+    encoder_dilation: int = 1
+    compressed_channels: int = 64
+    normalizer: str = "softmax"
+    eps: float = 1e-6
+    impl: str = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = carafe_modules.default_kernel_init
+    encoder_init: Callable = carafe_modules.default_encoder_init
+    bias_init: Callable = carafe_modules.default_bias_init
+
+    def config(self) -> CARAFEConfig:
+        """The validated static options of this module."""
+        return CARAFEConfig(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(CARAFEConfig)})
+
+    @nn.compact
+    def __call__(self, x):
+        """Upsamples `x` `(B, H, W, C)` to `(B, s*H, s*W, C)`."""
+        config = self.config()
+        carafe_modules.check_input(x, config)
+        channels = int(x.shape[-1])
+        specs = carafe_modules.param_specs(config, channels, kernel_init=self.kernel_init,
+                                           encoder_init=self.encoder_init,
+                                           bias_init=self.bias_init)
+        if not self.is_initializing() and "params" in self.variables:
+            modules.check_params(self.variables["params"], specs, what="CARAFE",
+                                 context=carafe_modules.describe(config, channels))
+        params = {}
+        for name, group in specs.items():
+            params[name] = self.param(
+                name, lambda key, group=group: modules.init_group(key, group, config.param_dtype))
+        return carafe_modules.carafe_apply(params, x, config)

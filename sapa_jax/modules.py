@@ -210,8 +210,10 @@ def init_params(key: jax.Array, config: SAPAConfig, dim_y: int, dim_x: int, *,
 
 
 def check_params(params: Params, specs: Mapping[str, Mapping[str, ParamSpec]], *,
-                 context: str = "") -> None:
-    """Raise a ValueError listing every missing, unexpected or wrongly shaped parameter."""
+                 context: str = "", what: str = "SAPA") -> None:
+    """Raise a ValueError listing every missing, unexpected or wrongly shaped parameter.
+
+    `what` names the module in the message (the CARAFE module reuses this check)."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict of parameter groups, got {type(params).__name__}")
     missing, unexpected, wrong = [], [], []
@@ -248,7 +250,7 @@ def check_params(params: Params, specs: Mapping[str, Mapping[str, ParamSpec]], *
         if wrong:
             parts.append(f"wrong shapes {wrong}")
         suffix = f" ({context})" if context else ""
-        raise ValueError(f"params do not match the SAPA configuration{suffix}: "
+        raise ValueError(f"params do not match the {what} configuration{suffix}: "
                          + "; ".join(parts))
 
 

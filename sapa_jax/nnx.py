@@ -121,3 +121,89 @@ class SAPA(nnx.Module):
         rngs = options.pop("rngs", None) or nnx.Rngs(0)  # the initial values are overwritten
         module = cls(variant=variant, **inferred, **options, rngs=rngs)
         return convert.load_into_nnx(module, state_dict, prefix=prefix)
+
+
+# ----------------------------------------------------------------------------- CARAFE
+
+from . import carafe_modules  # noqa: E402  (appended section: the CARAFE wrapper)
+from .carafe_modules import CARAFEConfig  # noqa: E402
+
+__all__ += ["CARAFE"]
+
+
+class CARAFE(nnx.Module):
+    """CARAFE feature upsampling (mmcv `CARAFEPack`), Flax NNX.
+
+    Same computation and options as `sapa_jax.linen.CARAFE`, with the input width given up
+    front::
+
+      model = CARAFE(64, scale=2, kernel_size=5, rngs=nnx.Rngs(0))
+      out = model(x)         # x (B, H, W, 64) -> (B, 2H, 2W, 64)
+
+    Args:
+      channels: channels C of the input x (divisible by `groups`).
+      scale, kernel_size, groups, encoder_kernel, encoder_dilation, compressed_channels,
+        normalizer, eps, impl, dtype, param_dtype, kernel_init, encoder_init, bias_init: as in
+        `sapa_jax.linen.CARAFE`.
+      rngs: `nnx.Rngs` with a "params" stream (or a default one).
+
+    Parameters are `ParamGroup` submodules `channel_compressor` and `content_encoder`, each
+    holding `kernel` (kh, kw, in, out) and `bias`.
+    """
+
+    def __init__(self, channels: int, *, scale: int = 2, kernel_size: int = 5, groups: int = 1,
+                 encoder_kernel: int = 3, encoder_dilation: int = 1,
+                 compressed_channels: int = 64, normalizer: str = "softmax", eps: float = 1e-6,
+                 impl: str = "auto", dtype: Any = None, param_dtype: Any = jnp.float32,
+                 kernel_init: Callable = carafe_modules.default_kernel_init,
+                 encoder_init: Callable = carafe_modules.default_encoder_init,
+                 bias_init: Callable = carafe_modules.default_bias_init, rngs: nnx.Rngs):
+        self.config = CARAFEConfig(
+            scale=scale, kernel_size=kernel_size, groups=groups, encoder_kernel=encoder_kernel,
+            encoder_dilation=encoder_dilation, compressed_channels=compressed_channels,
+            normalizer=normalizer, eps=eps, impl=impl, dtype=dtype, param_dtype=param_dtype)
+        self.channels = carafe_modules.check_channels(self.config, channels)
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
+        specs = carafe_modules.param_specs(self.config, self.channels, kernel_init=kernel_init,
+                                           encoder_init=encoder_init, bias_init=bias_init)
+        self._groups = tuple(specs)
+        for name, group in specs.items():
+            setattr(self, name, ParamGroup(
+                modules.init_group(rngs.params(), group, self.config.param_dtype)))
+
+    def params_dict(self) -> dict[str, dict[str, Any]]:
+        """The parameters as the nested dict `carafe_modules.carafe_apply` and Linen use."""
+        return {name: getattr(self, name).arrays() for name in self._groups}
+
+    def param_specs(self):
+        """`carafe_modules.param_specs` of this module (shapes; default initialisers)."""
+        return carafe_modules.param_specs(self.config, self.channels)
+
+    def __call__(self, x):
+        """Upsamples `x` `(B, H, W, channels)` to `(B, s*H, s*W, channels)`."""
+        carafe_modules.check_input(x, self.config)
+        if x.shape[-1] != self.channels:
+            raise ValueError(f"x must have channels={self.channels} channels (last axis), "
+                             f"got shape {tuple(x.shape)}")
+        return carafe_modules.carafe_apply(self.params_dict(), x, self.config)
+
+    @classmethod
+    def from_torch(cls, state_dict, *, prefix: str = "", **options):
+        """A module holding the weights of an mmcv `CARAFEPack` `state_dict`.
+
+        `channels`, `compressed_channels` and `encoder_kernel` are read from the weights; pass
+        `scale`, `kernel_size`, `groups` (their product groups*K*K*s*s is checked against the
+        encoder's output channels), `encoder_dilation` and the other options as keywords.
+        """
+        from . import convert  # convert imports this module's siblings only; avoid a cycle
+
+        inferred = convert.carafe_module_options(state_dict, prefix=prefix)
+        inferred.pop("encoder_channels")
+        clashes = sorted(k for k in options if k in inferred)
+        if clashes:
+            raise ValueError(f"options {clashes} are read from the state_dict and cannot be "
+                             f"passed to from_torch (got {clashes})")
+        rngs = options.pop("rngs", None) or nnx.Rngs(0)  # the initial values are overwritten
+        module = cls(**inferred, **options, rngs=rngs)
+        return convert.carafe_load_into_nnx(module, state_dict, prefix=prefix)
