@@ -35,8 +35,16 @@ sapa_build_info() {
     why="SAPA_CUDA_ARCHITECTURES"
     SAPA_PIP_ARGS+=("--config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=${archs}")
   else
-    archs="$SAPA_DEFAULT_ARCHITECTURES"
-    why="the default"
+    # pip reuses the CMake cache in build/: an architecture set by an earlier build stays.
+    local cached
+    cached="$(grep -hs '^CMAKE_CUDA_ARCHITECTURES:' build/*/CMakeCache.txt | head -n 1 | cut -d= -f2- || true)"
+    if [ -n "$cached" ]; then
+      archs="$cached"
+      why="kept from an earlier build's CMake cache in build/; remove build/ for the default"
+    else
+      archs="$SAPA_DEFAULT_ARCHITECTURES"
+      why="the default"
+    fi
   fi
   echo "sapa-jax build: CUDA module: yes (SAPA_CUDA=$mode, $nvcc: $("$nvcc" --version | grep -o 'release [0-9.]*' | head -n 1 || true))"
   echo "sapa-jax build: CUDA architectures: $archs ($why)"

@@ -192,7 +192,7 @@ def test_missing_cpu_module_warns_once_from_a_source_tree(tmp_path):
 
 # ---------------------------------------------------------------------- what the scripts build
 
-def _build_info(tmp_path, env_extra, nvcc=True):
+def _build_info(tmp_path, env_extra, nvcc=True, cwd=None):
     bin_dir = tmp_path / ("bin-nvcc" if nvcc else "bin-none")
     bin_dir.mkdir(exist_ok=True)
     if nvcc:
@@ -201,7 +201,7 @@ def _build_info(tmp_path, env_extra, nvcc=True):
         fake.chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), **env_extra}
     return subprocess.run(["bash", str(ROOT / "scripts" / "build_info.sh")], env=env,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, cwd=cwd or tmp_path)
 
 
 def test_build_info_with_nvcc(tmp_path):
@@ -210,6 +210,12 @@ def test_build_info_with_nvcc(tmp_path):
     assert "80-real 86-real 89-real 90" in out and "SAPA_CUDA=OFF" in out
     one = _build_info(tmp_path, {"SAPA_CUDA_ARCHITECTURES": "90"}).stdout
     assert "CUDA module: yes" in one and "architectures: 90" in one
+    # A reused build folder keeps the architectures of the earlier build: say so.
+    cache = tmp_path / "clone" / "build" / "cp311-cp311-linux_x86_64" / "CMakeCache.txt"
+    cache.parent.mkdir(parents=True)
+    cache.write_text("CMAKE_CUDA_ARCHITECTURES:UNINITIALIZED=86\n")
+    kept = _build_info(tmp_path, {}, cwd=tmp_path / "clone").stdout
+    assert "architectures: 86 (kept from an earlier build" in kept
 
 
 def test_build_info_without_cuda(tmp_path):
