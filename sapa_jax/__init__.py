@@ -7,6 +7,7 @@ PyTorch weights:         `sapa_jax.convert.from_torch` / `to_torch`.
 import importlib
 
 from .core import assemble, ffi_available, normalize, sapa_upsample, similarity
+from .deform import deform_upsample  # SAPA-D core
 
 from . import convert, modules  # PyTorch conversion and the module math; no Flax needed
 
