@@ -171,7 +171,9 @@ def _sample(table, taps, groups: int):
     index, weight, read = (jnp.stack(parts, axis=-1) for parts in zip(*taps))  # (B, N, G, 4)
     batch = table.shape[0]
     rows = index * groups + jnp.arange(groups, dtype=jnp.int32)[:, None]
-    values = table[jnp.arange(batch)[:, None], rows.reshape(batch, -1)]
+    # vmap, not an explicit batch index: the gather then has a batch dimension, which XLA's
+    # partitioner keeps local when the batch is sharded.
+    values = jax.vmap(lambda t, r: t[r])(table, rows.reshape(batch, -1))
     values = values.reshape(*rows.shape, table.shape[-1])
     values = jnp.where(read[..., None], values, 0)
     total = jnp.sum(weight[..., None] * values, axis=-2)                         # (B, N, G, Cg)

@@ -164,16 +164,17 @@ def test_jit_grad_vmap():
     q, k, v, off = (jnp.asarray(a, jnp.float32)
                     for a in core_inputs(4, 3, 2, 3, 2, 4, 2, 2, 4))
     f = lambda q, k, v, off: sapa_jax.deform_upsample(q, k, v, off, num_points=4, groups=2)
-    eager = f(q, k, v, off)
-    np.testing.assert_allclose(jax.jit(f)(q, k, v, off), eager, rtol=1e-6, atol=1e-6)
-    # vmap over an extra leading axis == a loop over it
+    loss = lambda *a: jnp.sum(f(*a) ** 2)
+    # vmap over an extra leading axis == the same examples as one batch, values and gradients
     stacked = [a.reshape(3, 1, *a.shape[1:]) for a in (q, k, v, off)]
-    batched = jax.vmap(f)(*stacked)
-    np.testing.assert_allclose(batched.reshape(eager.shape), eager, rtol=1e-6, atol=1e-6)
-    g = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3))(q, k, v, off)
-    gv = jax.vmap(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3)))(*stacked)
+    batched = jax.jit(jax.vmap(f))(*stacked)
+    np.testing.assert_allclose(batched.reshape(3, *batched.shape[2:]), jax.jit(f)(q, k, v, off),
+                               rtol=1e-6, atol=1e-6)
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, off)
+    gv = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3))))(*stacked)
     for a, b in zip(g, gv):
         np.testing.assert_allclose(b.reshape(a.shape), a, rtol=1e-5, atol=1e-6)
+        assert np.any(np.asarray(a) != 0)
 
 
 def test_core_bad_input(monkeypatch):
@@ -404,7 +405,7 @@ def test_gradients_to_torch_and_nnx_loading():
     variables = convert.deform_from_torch(sd)
     np.testing.assert_array_equal(np.asarray(module(y, x)),
                                   np.asarray(lin.apply(variables, y, x)))
-    grads = jax.grad(lambda p: jnp.sum(lin.apply({"params": p}, y, x) ** 2))(
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(lin.apply({"params": p}, y, x) ** 2)))(
         variables["params"])
     as_torch = convert.deform_to_torch(grads)
     assert {k: v.shape for k, v in as_torch.items()} == {k: tuple(v.shape) for k, v in sd.items()}
