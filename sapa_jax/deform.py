@@ -137,10 +137,11 @@ def bilinear_taps(py, px, height: int, width: int):
     `-1 < py < H`, `-1 < px < W`: its value counts as 0 and is never looked at (a NaN in an
     unread pixel stays out). An out-of-range sample is exactly 0 with zero gradient (the
     boundary itself included, as upstream). Weights are differentiable inside the cell
-    [floor, floor + 1] (floor is held constant). NaN positions give NaN weights (NaN out);
-    +-Inf ones are outside.
+    [floor, floor + 1] (floor is held constant). A NaN position reads nothing but has NaN
+    weights (NaN out, and no NaN scattered into k or v); +-Inf ones are outside.
     """
     outside = (py <= -1) | (py >= height) | (px <= -1) | (px >= width)  # NaN: not outside
+    unread = outside | jnp.isnan(py) | jnp.isnan(px)    # a NaN position reads no pixel either
     # Out-of-range positions are replaced before any arithmetic, so that neither the value nor
     # the gradient of the discarded branch can be Inf or NaN ("double where").
     py = jnp.where(outside, 0, py)
@@ -155,7 +156,7 @@ def bilinear_taps(py, px, height: int, width: int):
     for dy, wy in ((0, 1 - ly), (1, ly)):
         for dx, wx in ((0, 1 - lx), (1, lx)):
             yi, xi = y0i + dy, x0i + dx
-            read = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width) & ~outside
+            read = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width) & ~unread
             weight = jnp.where(outside, 0, wy * wx)
             index = jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)
             taps.append((index, weight, read))
