@@ -129,19 +129,36 @@ def sample_positions(offsets, *, num_points: int, groups: int, scale: int):
     return rows + pairs[..., 1], cols + pairs[..., 0]
 
 
-def bilinear_taps(py, px, height: int, width: int):
-    """The four corner taps of bilinear sampling at (py, px) on an H x W map.
+def corner_table(feat, groups: int):
+    """(B, H, W, C) -> (B, (H+1)*(W+1)*G, 4*Cg): the 2 x 2 corners of every bilinear cell.
 
-    Returns a list of (flat pixel index int32, weight, read), arrays of the shape of py;
-    `read` is False for a corner that is outside the map or belongs to a sample outside
-    `-1 < py < H`, `-1 < px < W`: its value counts as 0 and is never looked at (a NaN in an
-    unread pixel stays out). An out-of-range sample is exactly 0 with zero gradient (the
-    boundary itself included, as upstream). Weights are differentiable inside the cell
-    [floor, floor + 1] (floor is held constant). A NaN position reads nothing but has NaN
-    weights (NaN out, and no NaN scattered into k or v); +-Inf ones are outside.
+    Row `((y0 + 1) * (W + 1) + x0 + 1) * G + g` holds, for the cell whose top-left corner is
+    (y0, x0), y0 in -1..H-1 and x0 in -1..W-1, group g's channels at the corners (y0, x0),
+    (y0, x0+1), (y0+1, x0), (y0+1, x0+1); corners off the map are 0. One gather of a row reads
+    a whole sample (4x fewer, 4x longer slices than a gather per corner).
+    """
+    batch, height, width, channels = feat.shape
+    padded = jnp.pad(feat, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    corners = jnp.stack([padded[:, a:a + height + 1, b:b + width + 1]
+                         for a in (0, 1) for b in (0, 1)], axis=3)   # (B, H+1, W+1, 4, C)
+    corners = corners.reshape(batch, height + 1, width + 1, 4, groups, channels // groups)
+    corners = corners.transpose(0, 1, 2, 4, 3, 5)                    # (B, H+1, W+1, G, 4, Cg)
+    return corners.reshape(batch, (height + 1) * (width + 1) * groups, 4 * (channels // groups))
+
+
+def bilinear_cells(py, px, height: int, width: int):
+    """The bilinear cell of every sample position (py, px) on an H x W map.
+
+    Returns `(cell, weights, read)`: the `corner_table` cell index (int32, shape of py), the
+    four corner weights (shape + (4,), corner order as in `corner_table`) and whether the
+    sample is read at all. A sample outside `-1 < py < H`, `-1 < px < W` is not read: it is
+    exactly 0 with zero gradient (the boundary itself included, as upstream). Weights are
+    differentiable inside the cell [floor, floor + 1] (floor is held constant). A NaN position
+    reads nothing but has NaN weights (NaN out, and no NaN scattered into k or v); +-Inf ones
+    are outside.
     """
     outside = (py <= -1) | (py >= height) | (px <= -1) | (px >= width)  # NaN: not outside
-    unread = outside | jnp.isnan(py) | jnp.isnan(px)    # a NaN position reads no pixel either
+    read = ~(outside | jnp.isnan(py) | jnp.isnan(px))
     # Out-of-range positions are replaced before any arithmetic, so that neither the value nor
     # the gradient of the discarded branch can be Inf or NaN ("double where").
     py = jnp.where(outside, 0, py)
@@ -149,36 +166,24 @@ def bilinear_taps(py, px, height: int, width: int):
     y0 = jax.lax.stop_gradient(jnp.floor(py))
     x0 = jax.lax.stop_gradient(jnp.floor(px))
     ly, lx = py - y0, px - x0
-    # Clamp in floating point first (NaN positions only need some index; their weight is NaN).
-    y0i = jnp.clip(y0, -1, height).astype(jnp.int32)
-    x0i = jnp.clip(x0, -1, width).astype(jnp.int32)
-    taps = []
-    for dy, wy in ((0, 1 - ly), (1, ly)):
-        for dx, wx in ((0, 1 - lx), (1, lx)):
-            yi, xi = y0i + dy, x0i + dx
-            read = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width) & ~unread
-            weight = jnp.where(outside, 0, wy * wx)
-            index = jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)
-            taps.append((index, weight, read))
-    return taps
+    weights = jnp.stack([(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx], axis=-1)
+    weights = jnp.where(outside[..., None], 0, weights)
+    # Clamp in floating point before the cast (a NaN position only needs some valid index).
+    y0i = jnp.clip(y0, -1, height - 1).astype(jnp.int32)
+    x0i = jnp.clip(x0, -1, width - 1).astype(jnp.int32)
+    return (y0i + 1) * (width + 1) + (x0i + 1), weights, read
 
 
-def _sample(table, taps, groups: int):
-    """Bilinear samples `(B, N*G, Cg)` from `table` `(B, H*W*G, Cg)` (pixel-major, group minor).
-
-    `taps` hold (B, N, G) indices/weights/read masks; row `index * G + g` of the table is
-    pixel `index`'s channels of group g. The four corners are read with one gather.
-    """
-    index, weight, read = (jnp.stack(parts, axis=-1) for parts in zip(*taps))  # (B, N, G, 4)
-    batch = table.shape[0]
-    rows = index * groups + jnp.arange(groups, dtype=jnp.int32)[:, None]
+def _sample(table, cells, groups: int):
+    """Bilinear samples `(B, N*G, Cg)` from a `corner_table` for cells of shape (B, N, G)."""
+    cell, weights, read = cells
+    batch, cg = table.shape[0], table.shape[-1] // 4
+    rows = (cell * groups + jnp.arange(groups, dtype=jnp.int32)).reshape(batch, -1)
     # vmap, not an explicit batch index: the gather then has a batch dimension, which XLA's
     # partitioner keeps local when the batch is sharded.
-    values = jax.vmap(lambda t, r: t[r])(table, rows.reshape(batch, -1))
-    values = values.reshape(*rows.shape, table.shape[-1])
-    values = jnp.where(read[..., None], values, 0)
-    total = jnp.sum(weight[..., None] * values, axis=-2)                         # (B, N, G, Cg)
-    return total.reshape(batch, -1, table.shape[-1])
+    corners = jax.vmap(lambda t, r: t[r])(table, rows).reshape(*cell.shape, 4, cg)
+    corners = jnp.where(read[..., None, None], corners, 0)
+    return jnp.sum(weights[..., None] * corners, axis=-2).reshape(batch, -1, cg)
 
 
 def deform_reference(q, k, v, offsets, *, num_points: int, groups: int, scale: int):
@@ -186,33 +191,32 @@ def deform_reference(q, k, v, offsets, *, num_points: int, groups: int, scale: i
 
     A `lax.scan` over the sampling points with a `jax.checkpoint`ed body: neither the forward
     nor the saved residuals hold a P-expanded copy of k or v (the backward recomputes one
-    point's samples at a time), and the program size does not grow with P.
+    point's samples at a time), and the program size does not grow with P. k and v are read
+    through their `corner_table`s (4x the low-res map).
     """
     batch, out_h, out_w, qk_dim = q.shape
     height, width, channels = v.shape[1:]
-    dim = qk_dim // groups
     py, px = sample_positions(offsets, num_points=num_points, groups=groups, scale=scale)
     points_first = lambda a: jnp.moveaxis(a, -1, 0)                       # (P, B, sH, sW, G)
     py, px = points_first(py), points_first(px)
-    queries = q.reshape(batch, out_h * out_w * groups, dim)
-    keys = k.reshape(batch, height * width * groups, dim)
-    values = v.reshape(batch, height * width * groups, channels // groups)
+    queries = q.reshape(batch, out_h * out_w * groups, qk_dim // groups)
+    keys, values = corner_table(k, groups), corner_table(v, groups)
 
     @jax.checkpoint
     def logit(carry, position):
-        taps = bilinear_taps(*position, height, width)
-        return carry, jnp.sum(queries * _sample(keys, taps, groups), axis=-1)
+        cells = bilinear_cells(*position, height, width)
+        return carry, jnp.sum(queries * _sample(keys, cells, groups), axis=-1)
 
     @jax.checkpoint
     def accumulate(out, point):
         weight, py_p, px_p = point
-        taps = bilinear_taps(py_p, px_p, height, width)
-        return out + weight[..., None] * _sample(values, taps, groups), None
+        cells = bilinear_cells(py_p, px_p, height, width)
+        return out + weight[..., None] * _sample(values, cells, groups), None
 
     _, logits = jax.lax.scan(logit, None, (py, px))                       # (P, B, N*G)
     attn = reference.normalize(jnp.moveaxis(logits, 0, -1), normalizer="softmax", eps=0.0)
     attn = jnp.moveaxis(attn, -1, 0)
-    out = jnp.zeros(values.shape[:1] + queries.shape[1:2] + values.shape[2:], values.dtype)
+    out = jnp.zeros((batch, out_h * out_w * groups, channels // groups), v.dtype)
     out, _ = jax.lax.scan(accumulate, out, (attn, py, px))
     return out.reshape(batch, out_h, out_w, channels)
 
