@@ -11,6 +11,7 @@ import importlib
 from .core import (FallbackWarning, assemble, ffi_available, ffi_status, normalize,
                    sapa_upsample, similarity)
 from .carafe import carafe_upsample  # CARAFE core (docs/design.md section 5)
+from .deform import deform_upsample  # SAPA-D core (docs/design.md section 6)
 
 from . import convert, modules  # PyTorch conversion and the module math; no Flax needed
 

@@ -414,3 +414,183 @@ def carafe_load_into_nnx(module, state_dict, *, prefix: str = ""):
             variable = getattr(holder, leaf)
             variable.set_value(jnp.asarray(value, variable[...].dtype))
     return module
+
+
+# ----------------------------------------------------------------------------- SAPA-D
+# Upstream tiny-smart/sapa `SAPADeform`: 1x1 Conv2d `q`, `k`, `offset` (weight (out, in, 1, 1),
+# bias (out,)) and, with norm=True, GroupNorm `norm_y`, `norm_x` (weight, bias). The Flax tree
+# has the same names with `kernel` in the conv layout (1, 1, in, out) and `scale` for GroupNorm.
+
+from . import deform_modules  # noqa: E402  (appended section: SAPA-D)
+
+__all__ += ["deform_from_torch", "deform_to_torch", "deform_expected_keys", "deform_dims",
+            "load_deform_into_nnx"]
+
+
+def deform_expected_keys(*, use_bias: bool = True, norm: bool = False) -> list[str]:
+    """The state_dict keys of upstream `SAPADeform` with these options, in its order."""
+    use_bias = modules._check_bool("use_bias", use_bias)
+    norm = modules._check_bool("norm", norm)
+    keys = []
+    if norm:
+        keys += [f"{g}.{leaf}" for g in deform_modules.NORM_GROUPS for leaf in ("weight", "bias")]
+    for g in deform_modules.CONV_GROUPS:
+        keys.append(f"{g}.weight")
+        if use_bias:
+            keys.append(f"{g}.bias")
+    return keys
+
+
+def _deform_read(state_dict, *, prefix, use_bias, norm):
+    """Selected NumPy arrays and the (use_bias, norm) they were checked against."""
+    selected = _select(state_dict, prefix)
+    if use_bias is None:
+        use_bias = any(f"{g}.bias" in selected for g in deform_modules.CONV_GROUPS)
+    if norm is None:
+        norm = any(key.startswith(("norm_y.", "norm_x.")) for key in selected)
+    expected = deform_expected_keys(use_bias=use_bias, norm=norm)
+    missing = [k for k in expected if k not in selected]
+    unexpected = sorted(k for k in selected if k not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        raise ValueError(
+            f"state_dict does not match a SAPADeform module with use_bias={use_bias}, "
+            f"norm={norm}: " + "; ".join(parts) + f" (expected exactly {expected})")
+    arrays = {key: _to_numpy(prefix + key, value) for key, value in selected.items()}
+    for key, value in arrays.items():
+        group, leaf = key.split(".")
+        if leaf == "weight" and group in deform_modules.CONV_GROUPS:
+            if value.ndim != 4 or value.shape[2:] != (1, 1):
+                raise ValueError(f"state_dict[{key!r}] must be a 1x1 conv weight "
+                                 f"(out, in, 1, 1), got shape {tuple(value.shape)}")
+        else:
+            _shape(arrays, key, 1)
+    _deform_check_consistent(arrays)
+    return arrays, use_bias, norm
+
+
+def _deform_check_consistent(arrays) -> None:
+    """Widths that must agree between layers: q/k outputs, k/offset inputs, norms, biases."""
+    shapes = {key: tuple(value.shape) for key, value in arrays.items()}
+    pairs = [("q.weight", 0, "k.weight", 0, "q and k outputs (G * embedding_dim)"),
+             ("k.weight", 1, "offset.weight", 1, "k and offset inputs (dim_x)"),
+             ("norm_y.weight", 0, "q.weight", 1, "norm_y and q input (dim_y)"),
+             ("norm_x.weight", 0, "k.weight", 1, "norm_x and k input (dim_x)"),
+             ("norm_y.bias", 0, "norm_y.weight", 0, "norm_y bias and weight"),
+             ("norm_x.bias", 0, "norm_x.weight", 0, "norm_x bias and weight")]
+    pairs += [(f"{g}.bias", 0, f"{g}.weight", 0, f"{g} bias and weight outputs")
+              for g in deform_modules.CONV_GROUPS]
+    for key_a, axis_a, key_b, axis_b, what in pairs:
+        if key_a in shapes and key_b in shapes and shapes[key_a][axis_a] != shapes[key_b][axis_b]:
+            raise ValueError(f"state_dict shapes disagree on {what}: {key_a} {shapes[key_a]} "
+                             f"vs {key_b} {shapes[key_b]}")
+
+
+def deform_dims(state_dict, *, prefix: str = "") -> dict:
+    """`dim_y`, `dim_x` of an upstream SAPADeform state_dict (keys checked as in
+    `deform_from_torch`)."""
+    arrays, _, _ = _deform_read(state_dict, prefix=prefix, use_bias=None, norm=None)
+    return dict(dim_y=int(arrays["q.weight"].shape[1]), dim_x=int(arrays["k.weight"].shape[1]))
+
+
+def deform_from_torch(state_dict, *, prefix: str = "", dtype=None, use_bias=None,
+                      norm=None) -> dict:
+    """Linen variables `{"params": ...}` from a state_dict of upstream PyTorch `SAPADeform`.
+
+    Args:
+      state_dict: mapping of keys (`q.weight`, `offset.bias`, `norm_x.weight`, ...) to torch
+        tensors or NumPy arrays; conv weights (out, in, 1, 1).
+      prefix: only keys starting with it are read, with it removed.
+      dtype: dtype of the returned arrays (default: as stored; float64 needs jax x64 mode).
+      use_bias, norm: None accepts what the keys say (all conv biases or none, both norms or
+        none); a bool insists on it.
+
+    The module options (num_points, groups, embedding_dim, scale, high_offset) are given to
+    the module, not read from the weights; the module checks the shapes against them.
+
+    Raises:
+      ValueError: listing the missing and unexpected keys, or inconsistent shapes.
+    """
+    arrays, _, _ = _deform_read(state_dict, prefix=prefix, use_bias=use_bias, norm=norm)
+    if dtype is not None:
+        dtype = modules._check_dtype("dtype", dtype, allow_none=False)
+    params: dict = {}
+    for key, value in arrays.items():
+        group, leaf = key.split(".")
+        if leaf == "weight":
+            if group in deform_modules.NORM_GROUPS:
+                leaf = "scale"
+            else:
+                leaf, value = "kernel", np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+        params.setdefault(group, {})[leaf] = jnp.asarray(value, dtype)
+    order = list(deform_modules.NORM_GROUPS) + list(deform_modules.CONV_GROUPS)
+    return {"params": {g: params[g] for g in order if g in params}}
+
+
+def deform_to_torch(variables_or_params) -> dict[str, np.ndarray]:
+    """NumPy arrays with exactly upstream `SAPADeform`'s state_dict keys and shapes.
+
+    Accepts Linen variables `{"params": ...}`, the bare params tree, any pytree of the same
+    structure (e.g. gradients), an `nnx.SAPADeform` module or its `nnx.State`. Conv kernels
+    (1, 1, in, out) become weights (out, in, 1, 1); GroupNorm `scale` becomes `weight`.
+    """
+    params = _as_params_dict(variables_or_params)
+    allowed = set(deform_modules.NORM_GROUPS) | set(deform_modules.CONV_GROUPS)
+    unexpected = sorted(str(g) for g in params if g not in allowed)
+    missing = [g for g in deform_modules.CONV_GROUPS if g not in params]
+    if any(g in params for g in deform_modules.NORM_GROUPS):
+        missing += [g for g in deform_modules.NORM_GROUPS if g not in params]
+    for group, leaves in params.items():
+        if group not in allowed:
+            continue
+        if not isinstance(leaves, Mapping):
+            raise TypeError(f"params[{group!r}] must be a dict, got {type(leaves).__name__}")
+        norm = group in deform_modules.NORM_GROUPS
+        need = ("scale", "bias") if norm else ("kernel",)
+        ok = ("scale", "bias") if norm else ("kernel", "bias")
+        missing += [f"{group}/{leaf}" for leaf in need if leaf not in leaves]
+        unexpected += [f"{group}/{leaf}" for leaf in leaves if leaf not in ok]
+    if unexpected or missing:
+        raise ValueError(f"parameters do not match a SAPADeform module: missing {missing}, "
+                         f"unexpected {unexpected}")
+    out = {}
+    for group in list(deform_modules.NORM_GROUPS) + list(deform_modules.CONV_GROUPS):
+        if group not in params:
+            continue
+        leaves = params[group]
+        if group in deform_modules.NORM_GROUPS:
+            out[f"{group}.weight"] = _numpy_copy(leaves["scale"])
+            out[f"{group}.bias"] = _numpy_copy(leaves["bias"])
+            continue
+        kernel = _numpy_copy(leaves["kernel"])
+        if kernel.ndim != 4 or kernel.shape[:2] != (1, 1):
+            raise ValueError(f"{group}/kernel must be a 1x1 conv kernel (1, 1, in, out), "
+                             f"got shape {kernel.shape}")
+        out[f"{group}.weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+        if "bias" in leaves:
+            out[f"{group}.bias"] = _numpy_copy(leaves["bias"])
+    return out
+
+
+def load_deform_into_nnx(module, state_dict, *, prefix: str = ""):
+    """Copy an upstream SAPADeform state_dict into an existing `sapa_jax.nnx.SAPADeform`
+    (in place; returned). Keys must be exactly those of the module's use_bias / norm, shapes
+    those of its options; values are cast to the dtype of the module's parameters."""
+    config = getattr(module, "config", None)
+    if not (isinstance(config, deform_modules.DeformConfig) and hasattr(module, "params_dict")):
+        raise TypeError(f"module must be a sapa_jax.nnx.SAPADeform, got {type(module).__name__}")
+    params = deform_from_torch(state_dict, prefix=prefix, use_bias=config.use_bias,
+                               norm=config.norm)["params"]
+    modules.check_params(params, module.param_specs(),
+                         context="state_dict vs module: "
+                                 + deform_modules.describe(config, module.dim_y, module.dim_x))
+    for group, leaves in params.items():
+        holder = getattr(module, group)
+        for leaf, value in leaves.items():
+            variable = getattr(holder, leaf)
+            variable.set_value(jnp.asarray(value, variable[...].dtype))
+    return module

@@ -180,3 +180,88 @@ class CARAFE(nn.Module):
             params[name] = self.param(
                 name, lambda key, group=group: modules.init_group(key, group, config.param_dtype))
         return carafe_modules.carafe_apply(params, x, config)
+
+
+# ----------------------------------------------------------------------------- SAPA-D
+
+from . import deform_modules  # noqa: E402  (appended section: SAPA-D)
+from .deform_modules import DeformConfig  # noqa: E402
+
+__all__ += ["SAPADeform"]
+
+
+class SAPADeform(nn.Module):
+    """SAPA-D (deformable SAPA, tiny-smart/sapa `SAPADeform`), Flax Linen.
+
+    Upsamples the low-res decoder feature `x` by `scale`: every output point attends, per
+    channel group, to `num_points` points sampled bilinearly around its parent pixel at
+    offsets predicted from `x`, weighted by the softmax of q . k::
+
+      yn, xn  = GroupNorm(y), GroupNorm(x)     (norm=True; identity otherwise)
+      q, k    = conv1x1(yn), conv1x1(xn)       (G * embedding_dim channels each)
+      offsets = conv1x1(xn), pixel-shuffled (high_offset) or repeated s x s
+      out     = sapa_jax.deform_upsample(q, k, x, offsets)
+
+    Example::
+
+      model = SAPADeform(num_points=9, groups=4, scale=2)
+      variables = model.init(jax.random.key(0), y, x)
+      out = model.apply(variables, y, x)        # (B, 2H, 2W, Cx)
+
+    Attributes:
+      num_points: P sampling points per group.
+      groups: G channel groups (Cx must be divisible by G).
+      embedding_dim: E, query/key width per group.
+      scale: integer upsampling factor s >= 1.
+      use_bias: biases of the q, k and offset convs (upstream `qkv_bias`).
+      high_offset: offsets per high-res pixel (G*P*2*s^2 channels + pixel shuffle) instead of
+        per low-res pixel repeated s x s.
+      norm: GroupNorm(32 groups, eps 1e-5) on y and x (channels multiples of 32).
+      impl: core back end, "auto", "xla" or "ffi" (see `sapa_jax.deform_upsample`).
+      dtype: the dtype of the computation (default: infer from inputs and params).
+      param_dtype: the dtype passed to parameter initializers (default: float32).
+      kernel_init: initializer for the conv kernels (1, 1, in, out) (default: normal(0, 0.02)).
+      bias_init: initializer for the conv biases (default: zeros).
+    """
+    num_points: int = 9
+    groups: int = 4
+    embedding_dim: int = 32
+    scale: int = 2
+    use_bias: bool = True
+    high_offset: bool = True
+    norm: bool = False
+    impl: str = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = deform_modules.default_kernel_init
+    bias_init: Callable = deform_modules.default_bias_init
+
+    def config(self) -> DeformConfig:
+        """The validated static options of this module (its fields that DeformConfig has)."""
+        return DeformConfig(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(DeformConfig)})
+
+    @nn.compact
+    def __call__(self, y, x):
+        """Upsamples `x` guided by `y`.
+
+        Args:
+          y: high-res encoder (guidance) feature `(B, s*H, s*W, Cy)`.
+          x: low-res decoder feature `(B, H, W, Cx)`.
+
+        Returns:
+          The upsampled feature `(B, s*H, s*W, Cx)`.
+        """
+        config = self.config()
+        deform_modules.check_inputs(y, x, config)
+        dim_y, dim_x = int(y.shape[-1]), int(x.shape[-1])
+        specs = deform_modules.param_specs(config, dim_y, dim_x, kernel_init=self.kernel_init,
+                                           bias_init=self.bias_init)
+        if not self.is_initializing() and "params" in self.variables:
+            modules.check_params(self.variables["params"], specs,
+                                 context=deform_modules.describe(config, dim_y, dim_x))
+        params = {}
+        for name, group in specs.items():
+            params[name] = self.param(
+                name, lambda key, group=group: modules.init_group(key, group, config.param_dtype))
+        return deform_modules.deform_apply(params, y, x, config)

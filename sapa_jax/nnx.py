@@ -207,3 +207,89 @@ class CARAFE(nnx.Module):
         rngs = options.pop("rngs", None) or nnx.Rngs(0)  # the initial values are overwritten
         module = cls(**inferred, **options, rngs=rngs)
         return convert.carafe_load_into_nnx(module, state_dict, prefix=prefix)
+
+
+# ----------------------------------------------------------------------------- SAPA-D
+
+from . import deform_modules  # noqa: E402  (appended section: SAPA-D)
+from .deform_modules import DeformConfig  # noqa: E402
+
+__all__ += ["SAPADeform"]
+
+
+class SAPADeform(nnx.Module):
+    """SAPA-D (deformable SAPA, tiny-smart/sapa `SAPADeform`), Flax NNX.
+
+    Same computation and options as `sapa_jax.linen.SAPADeform`, with the input widths given
+    up front::
+
+      model = SAPADeform(dim_y=64, dim_x=128, num_points=9, groups=4, rngs=nnx.Rngs(0))
+      out = model(y, x)      # y (B, 2H, 2W, 64), x (B, H, W, 128) -> (B, 2H, 2W, 128)
+
+    Args:
+      dim_y: channels Cy of the high-res encoder feature y.
+      dim_x: channels Cx of the low-res decoder feature x (divisible by groups).
+      num_points, groups, embedding_dim, scale, use_bias, high_offset, norm, impl, dtype,
+        param_dtype, kernel_init, bias_init: as in `sapa_jax.linen.SAPADeform`.
+      rngs: `nnx.Rngs` with a "params" stream (or a default one).
+
+    Parameters are `ParamGroup` submodules named `norm_y`, `norm_x` (with norm), `q`, `k`,
+    `offset`, holding `scale`/`kernel` and `bias`; the paths equal the Linen tree's.
+    """
+
+    def __init__(self, dim_y: int, dim_x: int, *, num_points: int = 9, groups: int = 4,
+                 embedding_dim: int = 32, scale: int = 2, use_bias: bool = True,
+                 high_offset: bool = True, norm: bool = False, impl: str = "auto",
+                 dtype: Any = None, param_dtype: Any = jnp.float32,
+                 kernel_init: Callable = deform_modules.default_kernel_init,
+                 bias_init: Callable = deform_modules.default_bias_init, rngs: nnx.Rngs):
+        self.config = DeformConfig(
+            num_points=num_points, groups=groups, embedding_dim=embedding_dim, scale=scale,
+            use_bias=use_bias, high_offset=high_offset, norm=norm, impl=impl, dtype=dtype,
+            param_dtype=param_dtype)
+        self.dim_y, self.dim_x = deform_modules.check_dims(self.config, dim_y, dim_x)
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
+        specs = deform_modules.param_specs(self.config, self.dim_y, self.dim_x,
+                                           kernel_init=kernel_init, bias_init=bias_init)
+        self._groups = tuple(specs)
+        for name, group in specs.items():
+            setattr(self, name, ParamGroup(
+                modules.init_group(rngs.params(), group, self.config.param_dtype)))
+
+    def params_dict(self) -> dict[str, dict[str, Any]]:
+        """The parameters as the nested dict `deform_modules.deform_apply` and Linen use."""
+        return {name: getattr(self, name).arrays() for name in self._groups}
+
+    def param_specs(self):
+        """`deform_modules.param_specs` of this module (shapes; default initialisers)."""
+        return deform_modules.param_specs(self.config, self.dim_y, self.dim_x)
+
+    def __call__(self, y, x):
+        """Upsamples `x` guided by `y`: y `(B, s*H, s*W, dim_y)`, x `(B, H, W, dim_x)` ->
+        `(B, s*H, s*W, dim_x)`."""
+        deform_modules.check_inputs(y, x, self.config)
+        for name, array, dim in (("y", y, self.dim_y), ("x", x, self.dim_x)):
+            if array.shape[-1] != dim:
+                raise ValueError(f"{name} must have dim_{name}={dim} channels (last axis), "
+                                 f"got shape {tuple(array.shape)}")
+        return deform_modules.deform_apply(self.params_dict(), y, x, self.config)
+
+    @classmethod
+    def from_torch(cls, state_dict, *, prefix: str = "", **options):
+        """A module holding the weights of an upstream PyTorch `SAPADeform` state_dict.
+
+        dim_y and dim_x are read from the weights; every other option (num_points, groups,
+        embedding_dim, scale, use_bias, high_offset, norm, ...) is given as a keyword and
+        the weights must match it exactly (else ValueError naming the keys or shapes).
+        """
+        from . import convert  # convert imports this module's siblings only; avoid a cycle
+
+        dims = convert.deform_dims(state_dict, prefix=prefix)
+        clashes = sorted(k for k in options if k in dims)
+        if clashes:
+            raise ValueError(f"options {clashes} are read from the state_dict and cannot be "
+                             f"passed to from_torch (got {clashes})")
+        rngs = options.pop("rngs", None) or nnx.Rngs(0)  # the initial values are overwritten
+        module = cls(**dims, **options, rngs=rngs)
+        return convert.load_deform_into_nnx(module, state_dict, prefix=prefix)
