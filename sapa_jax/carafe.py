@@ -17,12 +17,11 @@ is built yet, so "auto" runs the jnp path and "ffi" raises; the kernel slots in 
 """
 from __future__ import annotations
 
-import os
 
 import jax.numpy as jnp
 
 from . import _checks, reference
-from .core import _current_platform
+from .core import resolve_impl_without_kernel
 
 
 def check_carafe_args(x, logits, *, kernel_size, scale, groups, normalizer, eps, impl) -> dict:
@@ -52,34 +51,6 @@ def check_carafe_args(x, logits, *, kernel_size, scale, groups, normalizer, eps,
 
 
 # ----------------------------------------------------------------------------- back end choice
-
-def _kernel_available(platform: str, dtype) -> bool:
-    """Is a fused CARAFE kernel built for `platform` and `dtype`? (None is, yet.)"""
-    del platform, dtype
-    return False
-
-
-def _kernel_unavailable_reason(platform: str) -> str:
-    del platform
-    return "the fused CARAFE kernels are not implemented in this version of sapa-jax"
-
-
-def resolve_impl(impl: str, dtype, *arrays) -> str:
-    """"xla" or "ffi" for this CARAFE call; same rules as `sapa_jax.core.resolve_impl`."""
-    forced = os.environ.get("SAPA_JAX_IMPL", "").strip().lower()
-    if forced:
-        impl = _checks.check_choice("SAPA_JAX_IMPL", forced, _checks.IMPLS)
-    if impl == "xla":
-        return "xla"
-    platform = _current_platform(*arrays)
-    supported = _kernel_available(platform, dtype)
-    if impl == "ffi" and not supported:
-        raise RuntimeError(
-            f"impl='ffi' was asked for, but no CARAFE FFI kernel is built for platform "
-            f"{platform!r} and dtype {jnp.dtype(dtype).name} "
-            f"({_kernel_unavailable_reason(platform)}); use impl='auto' or 'xla'")
-    return "ffi" if supported else "xla"
-
 
 # ----------------------------------------------------------------------------- jnp reference
 
@@ -133,11 +104,11 @@ def carafe_upsample(x, logits, *, kernel_size: int = 5, scale: int = 2, groups: 
                              normalizer=normalizer, eps=eps, impl=impl)
     impl = opts.pop("impl")
     compute, out_dtype = _checks.compute_dtype(x, logits)
-    # Raises for impl="ffi"; returns "xla" until a fused CARAFE kernel is registered in
-    # `_kernel_available`, whose call then goes here, as in `sapa_jax.sapa_upsample`.
-    resolve_impl(impl, out_dtype, x, logits)
+    # Raises for impl="ffi"; the fused CARAFE kernel, once built, is chosen here as in
+    # `sapa_jax.sapa_upsample`.
+    resolve_impl_without_kernel(impl, "CARAFE")
     x, logits = jnp.asarray(x, compute), jnp.asarray(logits, compute)
     return reference_carafe(x, logits, **opts).astype(out_dtype)
 
 
-__all__ = ["carafe_upsample", "check_carafe_args", "reference_carafe", "resolve_impl"]
+__all__ = ["carafe_upsample", "check_carafe_args", "reference_carafe"]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from . import _checks
 from .carafe import carafe_upsample
-from .modules import ParamSpec, _check_dtype, _zeros, check_callable, check_params, init_group
+from .modules import ParamSpec, check_params, init_group, zeros_init
 
 GROUPS = ("channel_compressor", "content_encoder")  # creation order, mmcv's names
 
@@ -33,7 +33,7 @@ GROUPS = ("channel_compressor", "content_encoder")  # creation order, mmcv's nam
 # fan_in = kh*kw*in and fan_out = kh*kw*out, as torch does on (out, in, kh, kw).
 default_kernel_init = jax.nn.initializers.xavier_uniform()
 default_encoder_init = jax.nn.initializers.normal(stddev=1e-3)
-default_bias_init = _zeros
+default_bias_init = zeros_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +77,8 @@ class CARAFEConfig:
             normalizer=_checks.check_choice("normalizer", self.normalizer, _checks.NORMALIZERS),
             eps=_checks.check_eps(self.eps),
             impl=_checks.check_choice("impl", self.impl, _checks.IMPLS),
-            dtype=_check_dtype("dtype", self.dtype, allow_none=True),
-            param_dtype=_check_dtype("param_dtype", self.param_dtype, allow_none=False),
+            dtype=_checks.check_dtype("dtype", self.dtype, allow_none=True),
+            param_dtype=_checks.check_dtype("param_dtype", self.param_dtype, allow_none=False),
         )
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -116,7 +116,7 @@ def param_specs(config: CARAFEConfig, channels: int, *,
     channels = check_channels(config, channels)
     for name, init in (("kernel_init", kernel_init), ("encoder_init", encoder_init),
                        ("bias_init", bias_init)):
-        check_callable(name, init)
+        _checks.check_callable(name, init)
     mid, k, out = config.compressed_channels, config.encoder_kernel, config.encoder_channels
     return {
         "channel_compressor": {"kernel": ParamSpec((1, 1, channels, mid), kernel_init),

@@ -351,7 +351,7 @@ def carafe_from_torch(state_dict, *, prefix: str = "", dtype=None) -> dict:
     """
     _, arrays = _carafe_read(state_dict, prefix)
     if dtype is not None:
-        dtype = modules._check_dtype("dtype", dtype, allow_none=False)
+        dtype = _checks.check_dtype("dtype", dtype, allow_none=False)
     params: dict = {}
     for key, value in arrays.items():
         group, leaf = key.split(".")
@@ -429,8 +429,8 @@ __all__ += ["deform_from_torch", "deform_to_torch", "deform_expected_keys", "def
 
 def deform_expected_keys(*, use_bias: bool = True, norm: bool = False) -> list[str]:
     """The state_dict keys of upstream `SAPADeform` with these options, in its order."""
-    use_bias = modules._check_bool("use_bias", use_bias)
-    norm = modules._check_bool("norm", norm)
+    use_bias = _checks.check_bool("use_bias", use_bias)
+    norm = _checks.check_bool("norm", norm)
     keys = []
     if norm:
         keys += [f"{g}.{leaf}" for g in deform_modules.NORM_GROUPS for leaf in ("weight", "bias")]
@@ -517,7 +517,7 @@ def deform_from_torch(state_dict, *, prefix: str = "", dtype=None, use_bias=None
     """
     arrays, _, _ = _deform_read(state_dict, prefix=prefix, use_bias=use_bias, norm=norm)
     if dtype is not None:
-        dtype = modules._check_dtype("dtype", dtype, allow_none=False)
+        dtype = _checks.check_dtype("dtype", dtype, allow_none=False)
     params: dict = {}
     for key, value in arrays.items():
         group, leaf = key.split(".")

@@ -70,11 +70,25 @@ def _current_platform(*arrays: ArrayIn) -> str:
     return jax.default_backend()
 
 
+def _forced_impl(impl: str) -> str:
+    """`impl`, unless the environment switch SAPA_JAX_IMPL overrides it."""
+    forced = os.environ.get("SAPA_JAX_IMPL", "").strip().lower()
+    return _checks.check_choice("SAPA_JAX_IMPL", forced, _checks.IMPLS) if forced else impl
+
+
+def resolve_impl_without_kernel(impl: str, operator: str) -> str:
+    """`resolve_impl` for an operator that has no fused kernel yet (CARAFE, SAPA-D): always
+    "xla", and a RuntimeError where the kernel is demanded (impl="ffi" or SAPA_JAX_IMPL=ffi)."""
+    if _forced_impl(impl) == "ffi":
+        raise RuntimeError(
+            f"impl='ffi' was asked for, but the {operator} fused kernel is not built yet "
+            f"(sapa-jax has only its jnp path so far); use impl='auto' or 'xla'")
+    return "xla"
+
+
 def resolve_impl(impl: str, dtype: jnp.dtype, *arrays: ArrayIn) -> str:
     """"xla" or "ffi" for this call (see the module docstring)."""
-    forced = os.environ.get("SAPA_JAX_IMPL", "").strip().lower()
-    if forced:
-        impl = _checks.check_choice("SAPA_JAX_IMPL", forced, _checks.IMPLS)
+    impl = _forced_impl(impl)
     if impl == "xla":
         return "xla"
     platform = _current_platform(*arrays)

@@ -19,13 +19,12 @@ raises. `_fused_kernel` is the one place the kernel will plug in.
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
 
 from . import _checks, reference
-from .core import _current_platform
+from .core import resolve_impl_without_kernel
 
 __all__ = ["deform_upsample", "check_deform_args"]
 
@@ -60,34 +59,6 @@ def check_deform_args(q, k, v, offsets, *, num_points, groups, scale, impl) -> d
     return dict(num_points=num_points, groups=groups, scale=scale, impl=impl)
 
 
-def _fused_kernel(platform: str, dtype):
-    """The fused SAPA-D kernel for `platform` and `dtype`, or a reason (str) why there is none.
-
-    The kernel step of issue 13 replaces this by a look-up in `sapa_jax._ffi`; until then no
-    platform has one.
-    """
-    del platform, dtype
-    return "the SAPA-D fused kernel is not built yet (docs/design.md section 6)"
-
-
-def _resolve(impl: str, dtype, *arrays):
-    """None for the jnp path, or the fused kernel to call (same rules as `core.resolve_impl`)."""
-    forced = os.environ.get("SAPA_JAX_IMPL", "").strip().lower()
-    if forced:
-        impl = _checks.check_choice("SAPA_JAX_IMPL", forced, _checks.IMPLS)
-    if impl == "xla":
-        return None
-    platform = _current_platform(*arrays)
-    kernel = _fused_kernel(platform, dtype)
-    if callable(kernel):
-        return kernel
-    if impl == "ffi":
-        raise RuntimeError(
-            f"impl='ffi' was asked for, but {kernel} (platform {platform!r}, dtype "
-            f"{jnp.dtype(dtype).name}); use impl='auto' or 'xla'")
-    return None
-
-
 def deform_upsample(q, k, v, offsets, *, num_points: int = 9, groups: int = 4, scale: int = 2,
                     impl: str = "auto"):
     """SAPA-D core: upsample `v` by attention over P learned sampling points per group.
@@ -111,9 +82,9 @@ def deform_upsample(q, k, v, offsets, *, num_points: int = 9, groups: int = 4, s
                              scale=scale, impl=impl)
     impl = opts.pop("impl")
     compute, out_dtype = _checks.compute_dtype(q, k, v, offsets)
-    kernel = _resolve(impl, out_dtype, q, k, v, offsets)
-    if kernel is not None:
-        return kernel(q, k, v, offsets, **opts)
+    # Raises for impl="ffi"; the fused SAPA-D kernel (design: docs/design.md section 6), once
+    # built, is chosen here as in `sapa_jax.sapa_upsample`.
+    resolve_impl_without_kernel(impl, "SAPA-D")
     q, k, v, offsets = (jnp.asarray(a, compute) for a in (q, k, v, offsets))
     return _deform_reference_jit(q, k, v, offsets, **opts).astype(out_dtype)
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 from . import _checks
 from .deform import deform_upsample
-from .modules import (ParamSpec, _check_bool, _check_dtype, _ones, _zeros, check_callable,
-                      check_params, compute_dtype, init_group, nearest_up)
+from .modules import (ParamSpec, check_params, compute_dtype, init_group, nearest_up, ones_init,
+                      zeros_init)
 
 GROUP_NORM_GROUPS = 32   # upstream nn.GroupNorm(32, dim)
 GROUP_NORM_EPS = 1e-5    # torch's default
@@ -35,7 +35,7 @@ NORM_GROUPS = ("norm_y", "norm_x")
 CONV_GROUPS = ("q", "k", "offset")
 
 default_kernel_init = jax.nn.initializers.normal(stddev=0.02)  # upstream nn.init.normal_
-default_bias_init = _zeros
+default_bias_init = zeros_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +72,12 @@ class DeformConfig:
             groups=_checks.check_int("groups", self.groups, minimum=1),
             embedding_dim=_checks.check_int("embedding_dim", self.embedding_dim, minimum=1),
             scale=_checks.check_int("scale", self.scale, minimum=1),
-            use_bias=_check_bool("use_bias", self.use_bias),
-            high_offset=_check_bool("high_offset", self.high_offset),
-            norm=_check_bool("norm", self.norm),
+            use_bias=_checks.check_bool("use_bias", self.use_bias),
+            high_offset=_checks.check_bool("high_offset", self.high_offset),
+            norm=_checks.check_bool("norm", self.norm),
             impl=_checks.check_choice("impl", self.impl, _checks.IMPLS),
-            dtype=_check_dtype("dtype", self.dtype, allow_none=True),
-            param_dtype=_check_dtype("param_dtype", self.param_dtype, allow_none=False),
+            dtype=_checks.check_dtype("dtype", self.dtype, allow_none=True),
+            param_dtype=_checks.check_dtype("param_dtype", self.param_dtype, allow_none=False),
         )
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -115,12 +115,12 @@ def param_specs(config: DeformConfig, dim_y: int, dim_x: int, *,
     if not isinstance(config, DeformConfig):
         raise TypeError(f"config must be a DeformConfig, got {type(config).__name__}")
     dim_y, dim_x = check_dims(config, dim_y, dim_x)
-    check_callable("kernel_init", kernel_init)
-    check_callable("bias_init", bias_init)
+    _checks.check_callable("kernel_init", kernel_init)
+    _checks.check_callable("bias_init", bias_init)
     specs = {}
     if config.norm:
         for name, dim in (("norm_y", dim_y), ("norm_x", dim_x)):
-            specs[name] = {"scale": ParamSpec((dim,), _ones), "bias": ParamSpec((dim,), _zeros)}
+            specs[name] = {"scale": ParamSpec((dim,), ones_init), "bias": ParamSpec((dim,), zeros_init)}
     qk_dim = config.groups * config.embedding_dim
     for name, fan_in, fan_out in (("q", dim_y, qk_dim), ("k", dim_x, qk_dim),
                                   ("offset", dim_x, config.offset_dim)):

@@ -57,18 +57,20 @@ def trunc_normal_init(std: float = 0.02, lower: float = -2.0, upper: float = 2.0
     return init
 
 
-def _ones(key, shape, dtype=jnp.float32):
+def ones_init(key, shape, dtype=jnp.float32):
+    """Initializer: ones (the LayerNorm/GroupNorm scales)."""
     del key
     return jnp.ones(shape, dtype)
 
 
-def _zeros(key, shape, dtype=jnp.float32):
+def zeros_init(key, shape, dtype=jnp.float32):
+    """Initializer: zeros (biases)."""
     del key
     return jnp.zeros(shape, dtype)
 
 
 default_kernel_init = trunc_normal_init()
-default_bias_init = _zeros
+default_bias_init = zeros_init
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -178,7 +180,7 @@ def param_specs(config: SAPAConfig, dim_y: int, dim_x: int, *,
         "gate": (dim_x, 1),
         "v": (dim_x, config.value_dim(dim_x)),
     }
-    specs = {name: {"scale": ParamSpec((dims,), _ones), "bias": ParamSpec((dims,), _zeros)}
+    specs = {name: {"scale": ParamSpec((dims,), ones_init), "bias": ParamSpec((dims,), zeros_init)}
              for name, dims in (("norm_y", dim_y), ("norm_x", dim_x))}
     names = list(LINEAR_GROUPS[config.variant])
     if config.projects_value(dim_x):

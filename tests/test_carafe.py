@@ -391,15 +391,15 @@ def test_bad_core_input_is_named():
 def test_impl_routing(monkeypatch):
     x = jnp.ones((1, 2, 2, 2))
     logits = jnp.zeros((1, 4, 4, 9))
-    with pytest.raises(RuntimeError, match=r"no CARAFE FFI kernel is built for platform 'cpu'"
-                                           r".*not implemented.*use impl='auto' or 'xla'"):
+    with pytest.raises(RuntimeError, match=r"impl='ffi'.*CARAFE fused kernel is not built"
+                                           r".*use impl='auto' or 'xla'"):
         sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="ffi")
     auto = sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="auto")
     np.testing.assert_array_equal(
         np.asarray(auto), np.asarray(sapa_jax.carafe_upsample(x, logits, kernel_size=3,
                                                               impl="xla")))
     monkeypatch.setenv("SAPA_JAX_IMPL", "ffi")
-    with pytest.raises(RuntimeError, match=r"no CARAFE FFI kernel"):
+    with pytest.raises(RuntimeError, match=r"CARAFE fused kernel is not built"):
         sapa_jax.carafe_upsample(x, logits, kernel_size=3)
     monkeypatch.setenv("SAPA_JAX_IMPL", "xla")
     sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="ffi")  # the switch wins
