@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _autodiff, reference
 from ._partitioning import batch_partitioned
 
 # platform as JAX names it -> (extension module, XLA platform name for registration)
@@ -136,22 +137,31 @@ def _partitioned_calls(opts: Options):
     return forward, backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _reference(opts: Options):
+    """The jnp formulation of `opts` (forward mode and higher orders), computed in at least
+    float32 and returned in the input dtype, as the kernels do."""
+    names = dict(normalizer={c: n for n, c in _NORMALIZER_CODES.items()}[opts.normalizer],
+                 border={c: n for n, c in _BORDER_CODES.items()}[opts.border])
+
+    def upsample(q, k, v):
+        compute = jnp.promote_types(q.dtype, jnp.float32)
+        out = reference.sapa_upsample(*(a.astype(compute) for a in (q, k, v)),
+                                      kernel_size=opts.kernel_size, scale=opts.scale,
+                                      eps=opts.eps, **names)
+        return out.astype(q.dtype)
+    return upsample
+
+
+@functools.lru_cache(maxsize=None)
+def _differentiable(opts: Options):
+    """The fused core for `opts`: first-order reverse mode on the two kernels, every other
+    derivative through `_autodiff` (docs/design.md section 4). Jitted so that eager calls on
+    sharded arrays are partitioned too, instead of gathering the batch."""
+    return jax.jit(_autodiff.differentiable_core(*_partitioned_calls(opts), _reference(opts)))
+
+
 def _sapa(q, k, v, opts: Options):
-    return _partitioned_calls(opts)[0](q, k, v)[0]
-
-
-def _sapa_fwd(q, k, v, opts: Options):
-    out, stats = _partitioned_calls(opts)[0](q, k, v)
-    return out, (q, k, v, stats)
-
-
-def _sapa_bwd(opts: Options, residuals, g):
-    q, k, v, stats = residuals
-    return _partitioned_calls(opts)[1](q, k, v, stats, g)
-
-
-_sapa.defvjp(_sapa_fwd, _sapa_bwd)
+    return _differentiable(opts)(q, k, v)
 
 
 def sapa_upsample(q, k, v, *, kernel_size, scale, normalizer, border, eps):
