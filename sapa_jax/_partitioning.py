@@ -22,7 +22,26 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+
+def reshape_within_batch(a, shape):
+    """`a.reshape(shape)` for a reshape that keeps axis 0 (the batch) and splits or merges
+    only the axes after it.
+
+    Under explicit mesh axes JAX cannot infer the sharding of such a reshape and asks for it:
+    the result keeps the batch sharding of `a`, every other axis replicated (the axes it
+    splits or merges must be unsharded already, as in every caller here).
+    """
+    if tuple(shape[:1]) != tuple(a.shape[:1]):
+        raise ValueError(f"reshape_within_batch keeps axis 0: got {a.shape} -> {tuple(shape)}")
+    sharding = jax.typeof(a).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or AxisType.Explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return jnp.reshape(a, shape)
+    batch = sharding.spec[0] if len(sharding.spec) else None
+    out = NamedSharding(mesh, PartitionSpec(batch, *([None] * (len(shape) - 1))))
+    return jax.lax.reshape(a, tuple(shape), out_sharding=out)
 
 
 def _sharding_rule(arg_ranks, out_ranks) -> tuple[str, tuple[str, ...]]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
+from ._partitioning import reshape_within_batch
 from .core import sapa_upsample
 
 LAYER_NORM_EPS = 1e-5  # the official module's nn.LayerNorm default
@@ -323,7 +324,7 @@ def nearest_up(a, scale: int):
         return a
     b, h, w, c = a.shape
     a = jnp.broadcast_to(a[:, :, None, :, None, :], (b, h, scale, w, scale, c))
-    return a.reshape(b, h * scale, w * scale, c)
+    return reshape_within_batch(a, (b, h * scale, w * scale, c))
 
 
 def compute_dtype(y, x, params, dtype):
