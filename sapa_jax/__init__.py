@@ -3,16 +3,19 @@
 Functional core (NHWC):  `sapa_upsample`, `similarity`, `normalize`, `assemble`.
 Flax modules:            `sapa_jax.linen.SAPA`, `sapa_jax.nnx.SAPA`.
 PyTorch weights:         `sapa_jax.convert.from_torch` / `to_torch`.
+jax.export:              `sapa_jax.export_checks()`.
 """
 import importlib
 
 from .core import assemble, ffi_available, normalize, sapa_upsample, similarity
+from ._export import export_checks
 
 from . import convert, modules  # PyTorch conversion and the module math; no Flax needed
 
 __version__ = "0.1.0"
 
 __all__ = ["sapa_upsample", "similarity", "normalize", "assemble", "ffi_available"]
+__all__ += ["export_checks"]
 __all__ += ["linen", "nnx", "convert", "modules"]
 
 # The Flax wrappers load on first use (`sapa_jax.linen`, `sapa_jax.nnx`), so the functional core
