@@ -1,5 +1,5 @@
 """FFI glue: loads the compiled kernel modules, registers their handlers with XLA, and wraps
-the fused forward/backward in `jax.ffi.ffi_call` + `jax.custom_vjp`.
+the fused forward/backward in `jax.ffi.ffi_call`, made differentiable by `_autodiff`.
 
 Each of the two calls is batch-partitioned (`_partitioning.batch_partitioned`): under `jit` with
 a batch-sharded mesh every device runs the kernel on its own shard, and `vmap` folds into the
@@ -105,12 +105,14 @@ def _result(shape, dtype, like):
 
 
 def forward_call(q, k, v, opts: Options):
-    """One "sapa_forward" call: (out, stats). `broadcast_all` makes vmap add leading dims,
-    which the kernel folds into its batch."""
+    """One "sapa_forward" call: (out, stats).
+
+    No `vmap_method`: vmap never reaches the call, `batch_partitioned` folds a mapped axis
+    into the batch first (a direct vmap of this function fails instead of guessing)."""
     points = q.shape[:-1]
     results = (_result(points + (v.shape[-1],), q.dtype, q),
                _result(points + (2,), _acc_dtype(q.dtype), q))
-    call = jax.ffi.ffi_call("sapa_forward", results, vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call("sapa_forward", results)
     return call(q, k, v, **opts.attributes())
 
 
@@ -121,7 +123,7 @@ def backward_call(q, k, v, stats, g, opts: Options):
     scratch = _result(points + (taps,), _acc_dtype(q.dtype), q)
     results = (_result(q.shape, q.dtype, q), _result(k.shape, k.dtype, q),
                _result(v.shape, v.dtype, q), scratch, scratch)
-    call = jax.ffi.ffi_call("sapa_backward", results, vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call("sapa_backward", results)
     dq, dk, dv, _, _ = call(q, k, v, stats, g, **opts.attributes())
     return dq, dk, dv
 

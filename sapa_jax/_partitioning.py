@@ -10,7 +10,9 @@ has the batch on axis 0 and batch elements never interact (true of the SAPA FFI 
   is correct, only not free (spatial halo exchange is not implemented);
 * a batch that the mesh axis does not divide falls back to running replicated;
 * `vmap` folds the mapped axis into the batch (`custom_vmap`), since `custom_partitioning` has
-  no batching rule of its own;
+  no batching rule of its own: `fn` itself is never vmapped;
+* with Shardy disabled (`jax_use_shardy_partitioner=False`, GSPMD) the same per-shard rule
+  runs through `infer_sharding_from_operands`;
 * inside `shard_map` it simply runs on the local shard.
 """
 from __future__ import annotations

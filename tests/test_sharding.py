@@ -161,6 +161,29 @@ def test_example_train_step_is_batch_parallel():
     assert "all-gather" not in compiled
 
 
+@pytest.mark.skipif(not hasattr(jax.config, "jax_use_shardy_partitioner"),
+                    reason="this JAX has no GSPMD switch")
+def test_gspmd_partitioner_fallback():
+    """With Shardy off (GSPMD), custom_partitioning takes the result shardings from
+    `infer_sharding_from_operands`: the batch still runs per shard, without an all-gather."""
+    q, k, v, g = inputs(batch=4)
+    sharding = NamedSharding(mesh_of(4), P("data"))
+    args = [jax.device_put(a, sharding) for a in (q, k, v, g)]
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+        value, grads = compiled(*args)
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
+    assert "all-gather" not in compiled.as_text()
+    want_value, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, g)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+    for got, want in zip(grads, want_grads):
+        assert got.sharding.is_equivalent_to(sharding, got.ndim)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- Flax modules on a data mesh
 # Every variant x impl x (Auto, Explicit) mesh axes, batch sharded on 2 or 4 devices: eager and
 # jit(forward + vjp) run, agree with the unsharded computation, keep the batch sharding and

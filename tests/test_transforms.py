@@ -185,3 +185,33 @@ def test_nnx_forward_mode_and_second_order_match_xla(x64):
     run = jax.jit(transforms, static_argnums=0)
     assert_close(nnx.to_pure_dict(nnx.State(dict(r=run("auto", states["auto"], y, x)))),
                  nnx.to_pure_dict(nnx.State(dict(r=run("xla", states["xla"], y, x)))))
+
+
+# ----------------------------------------------------------------------------- vmap
+
+def test_vmap_folds_into_the_batch_before_the_kernel():
+    """vmap never reaches the ffi_call (it has no vmap_method): the batching rules fold the
+    mapped axis into the batch, so the kernel sees rank-4 operands; a direct vmap of the raw
+    call is refused rather than run with a guessed rule."""
+    from sapa_jax import _ffi
+    q, k, v = (jnp.asarray(a) for a in random_qkv(0, *SHAPE.values()))
+    stacked = [jnp.stack([a, -a, 2 * a]) for a in (q, k, v)]
+    f = core("auto")
+    loss = lambda q, k, v: jnp.sum(jax.vmap(f)(q, k, v) ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*stacked).jaxpr
+
+    def kernel_operand_ranks(jaxpr):
+        ranks = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "ffi_call":
+                ranks.extend(len(var.aval.shape) for var in eqn.invars)
+            for sub in jaxprs_in_params(eqn.params):
+                ranks.extend(kernel_operand_ranks(sub))
+        return ranks
+
+    assert set(kernel_operand_ranks(jaxpr)) == {4}
+    assert_close(jax.vmap(f)(*stacked), jnp.stack([f(*(a[i] for a in stacked))
+                                                  for i in range(3)]), rtol=1e-6, atol=1e-6)
+    opts = _ffi.Options(3, 2, 0, 0, 1e-6)
+    with pytest.raises(Exception, match="vmap"):
+        jax.vmap(lambda q, k, v: _ffi.forward_call(q, k, v, opts)[0])(*stacked)
