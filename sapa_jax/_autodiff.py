@@ -65,8 +65,8 @@ def _tangent_jnp(q, k, v, stats, dq, dk, dv, *, core):
     return core.tangent(q, k, v, dq, dk, dv)
 
 
-tangent_p.def_impl(lambda *args, core: jax.jit(_tangent_jnp, static_argnames="core")(
-    *args, core=core))
+_tangent_jitted = jax.jit(_tangent_jnp, static_argnames="core")
+tangent_p.def_impl(lambda *args, core: _tangent_jitted(*args, core=core))
 tangent_p.def_abstract_eval(
     lambda q, k, v, stats, dq, dk, dv, *, core: _batch_sharded_like(
         q, q.shape[:-1] + (v.shape[-1],), q.dtype))
