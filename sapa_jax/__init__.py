@@ -5,6 +5,7 @@ Kernel availability:     `ffi_available(platform)` (usable here), `ffi_status()`
                          why not).
 Flax modules:            `sapa_jax.linen.SAPA`, `sapa_jax.nnx.SAPA`.
 PyTorch weights:         `sapa_jax.convert.from_torch` / `to_torch`.
+jax.export:              `sapa_jax.export_checks()`.
 """
 import importlib
 
@@ -12,6 +13,7 @@ from .core import (FallbackWarning, assemble, ffi_available, ffi_status, normali
                    sapa_upsample, similarity)
 from .carafe import carafe_upsample  # CARAFE core (docs/design.md section 5)
 from .deform import deform_upsample  # SAPA-D core (docs/design.md section 6)
+from ._export import export_checks
 
 from . import convert, modules  # PyTorch conversion and the module math; no Flax needed
 
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = ["sapa_upsample", "similarity", "normalize", "assemble", "ffi_available", "ffi_status",
            "FallbackWarning"]
+__all__ += ["export_checks"]
 __all__ += ["linen", "nnx", "convert", "modules"]
 
 # The Flax wrappers load on first use (`sapa_jax.linen`, `sapa_jax.nnx`), so the functional core

@@ -1,5 +1,5 @@
 """FFI glue: loads the compiled kernel modules, registers their handlers with XLA, and wraps
-the fused forward/backward in `jax.ffi.ffi_call` + `jax.custom_vjp`.
+the fused forward/backward in `jax.ffi.ffi_call`, made differentiable by `_autodiff`.
 
 Each of the two calls is batch-partitioned (`_partitioning.batch_partitioned`): under `jit` with
 a batch-sharded mesh every device runs the kernel on its own shard, and `vmap` folds into the
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _autodiff, reference
 from ._partitioning import batch_partitioned
 
 # platform as JAX names it -> (extension module, XLA platform name for registration)
@@ -206,12 +207,14 @@ def _result(shape, dtype, like):
 
 
 def forward_call(q, k, v, opts: Options):
-    """One "sapa_forward" call: (out, stats). `broadcast_all` makes vmap add leading dims,
-    which the kernel folds into its batch."""
+    """One "sapa_forward" call: (out, stats).
+
+    No `vmap_method`: vmap never reaches the call, `batch_partitioned` folds a mapped axis
+    into the batch first (a direct vmap of this function fails instead of guessing)."""
     points = q.shape[:-1]
     results = (_result(points + (v.shape[-1],), q.dtype, q),
                _result(points + (2,), _acc_dtype(q.dtype), q))
-    call = jax.ffi.ffi_call("sapa_forward", results, vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call("sapa_forward", results)
     return call(q, k, v, **opts.attributes())
 
 
@@ -222,7 +225,7 @@ def backward_call(q, k, v, stats, g, opts: Options):
     scratch = _result(points + (taps,), _acc_dtype(q.dtype), q)
     results = (_result(q.shape, q.dtype, q), _result(k.shape, k.dtype, q),
                _result(v.shape, v.dtype, q), scratch, scratch)
-    call = jax.ffi.ffi_call("sapa_backward", results, vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call("sapa_backward", results)
     dq, dk, dv, _, _ = call(q, k, v, stats, g, **opts.attributes())
     return dq, dk, dv
 
@@ -238,22 +241,31 @@ def _partitioned_calls(opts: Options):
     return forward, backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _reference(opts: Options):
+    """The jnp formulation of `opts` (forward mode and higher orders), computed in at least
+    float32 and returned in the input dtype, as the kernels do."""
+    names = dict(normalizer={c: n for n, c in _NORMALIZER_CODES.items()}[opts.normalizer],
+                 border={c: n for n, c in _BORDER_CODES.items()}[opts.border])
+
+    def upsample(q, k, v):
+        compute = jnp.promote_types(q.dtype, jnp.float32)
+        out = reference.sapa_upsample(*(a.astype(compute) for a in (q, k, v)),
+                                      kernel_size=opts.kernel_size, scale=opts.scale,
+                                      eps=opts.eps, **names)
+        return out.astype(q.dtype)
+    return upsample
+
+
+@functools.lru_cache(maxsize=None)
+def _differentiable(opts: Options):
+    """The fused core for `opts`: first-order reverse mode on the two kernels, every other
+    derivative through `_autodiff` (docs/design.md section 4). Jitted so that eager calls on
+    sharded arrays are partitioned too, instead of gathering the batch."""
+    return jax.jit(_autodiff.differentiable_core(*_partitioned_calls(opts), _reference(opts)))
+
+
 def _sapa(q, k, v, opts: Options):
-    return _partitioned_calls(opts)[0](q, k, v)[0]
-
-
-def _sapa_fwd(q, k, v, opts: Options):
-    out, stats = _partitioned_calls(opts)[0](q, k, v)
-    return out, (q, k, v, stats)
-
-
-def _sapa_bwd(opts: Options, residuals, g):
-    q, k, v, stats = residuals
-    return _partitioned_calls(opts)[1](q, k, v, stats, g)
-
-
-_sapa.defvjp(_sapa_fwd, _sapa_bwd)
+    return _differentiable(opts)(q, k, v)
 
 
 def sapa_upsample(q, k, v, *, kernel_size, scale, normalizer, border, eps):

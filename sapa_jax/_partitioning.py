@@ -10,7 +10,9 @@ has the batch on axis 0 and batch elements never interact (true of the SAPA FFI 
   is correct, only not free (spatial halo exchange is not implemented);
 * a batch that the mesh axis does not divide falls back to running replicated;
 * `vmap` folds the mapped axis into the batch (`custom_vmap`), since `custom_partitioning` has
-  no batching rule of its own;
+  no batching rule of its own: `fn` itself is never vmapped;
+* with Shardy disabled (`jax_use_shardy_partitioner=False`, GSPMD) the same per-shard rule
+  runs through `infer_sharding_from_operands`;
 * inside `shard_map` it simply runs on the local shard.
 """
 from __future__ import annotations
@@ -22,7 +24,26 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+
+def reshape_within_batch(a, shape):
+    """`a.reshape(shape)` for a reshape that keeps axis 0 (the batch) and splits or merges
+    only the axes after it.
+
+    Under explicit mesh axes JAX cannot infer the sharding of such a reshape and asks for it:
+    the result keeps the batch sharding of `a`, every other axis replicated (the axes it
+    splits or merges must be unsharded already, as in every caller here).
+    """
+    if tuple(shape[:1]) != tuple(a.shape[:1]):
+        raise ValueError(f"reshape_within_batch keeps axis 0: got {a.shape} -> {tuple(shape)}")
+    sharding = jax.typeof(a).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or AxisType.Explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return jnp.reshape(a, shape)
+    batch = sharding.spec[0] if len(sharding.spec) else None
+    out = NamedSharding(mesh, PartitionSpec(batch, *([None] * (len(shape) - 1))))
+    return jax.lax.reshape(a, tuple(shape), out_sharding=out)
 
 
 def _sharding_rule(arg_ranks, out_ranks) -> tuple[str, tuple[str, ...]]:

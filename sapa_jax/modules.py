@@ -24,6 +24,7 @@ import numpy as np
 
 from . import _checks
 from ._checks import ArrayIn
+from ._partitioning import reshape_within_batch
 from .core import sapa_upsample_validated
 
 # An initializer (key, shape, dtype) -> array, and a parameter tree group -> leaf -> array.
@@ -305,7 +306,7 @@ def nearest_up(a, scale: int):
         return a
     b, h, w, c = a.shape
     a = jnp.broadcast_to(a[:, :, None, :, None, :], (b, h, scale, w, scale, c))
-    return a.reshape(b, h * scale, w * scale, c)
+    return reshape_within_batch(a, (b, h * scale, w * scale, c))
 
 
 def compute_dtype(y: ArrayIn, x: ArrayIn, params: Params, dtype: Any) -> np.dtype:

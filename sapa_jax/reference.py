@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._partitioning import reshape_within_batch
+
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes in the reference
 
 
@@ -47,20 +49,20 @@ def similarity(q, k, *, kernel_size: int, scale: int):
     """Logits (B, sH, sW, K*K): q[l'] . k[l + p], 0 where l + p is outside the map."""
     batch, out_h, out_w, dim = q.shape
     height, width = k.shape[1:3]
-    q6 = q.reshape(batch, height, scale, width, scale, dim)
+    q6 = reshape_within_batch(q, (batch, height, scale, width, scale, dim))
     logits = jnp.einsum("bhiwjd,bhwpd->bhiwjp", q6, low_res_patches(k, kernel_size),
                         precision=_HIGHEST)
-    return logits.reshape(batch, out_h, out_w, kernel_size * kernel_size)
+    return reshape_within_batch(logits, (batch, out_h, out_w, kernel_size * kernel_size))
 
 
 def assemble(w, v, *, kernel_size: int, scale: int):
     """Output (B, sH, sW, C): sum_p w[l', p] * v[l + p], v = 0 outside the map."""
     batch, out_h, out_w, taps = w.shape
     height, width, channels = v.shape[1:]
-    w6 = w.reshape(batch, height, scale, width, scale, taps)
+    w6 = reshape_within_batch(w, (batch, height, scale, width, scale, taps))
     out = jnp.einsum("bhiwjp,bhwpc->bhiwjc", w6, low_res_patches(v, kernel_size),
                      precision=_HIGHEST)
-    return out.reshape(batch, out_h, out_w, channels)
+    return reshape_within_batch(out, (batch, out_h, out_w, channels))
 
 
 def counted_taps(height: int, width: int, kernel_size: int, scale: int, border: str):
