@@ -3,7 +3,8 @@
 Functional core (NHWC):  `sapa_upsample`, `similarity`, `normalize`, `assemble`.
 Kernel availability:     `ffi_available(platform)` (usable here), `ffi_status()` (built / usable /
                          why not).
-Flax modules:            `sapa_jax.linen.SAPA`, `sapa_jax.nnx.SAPA`.
+CARAFE, SAPA-D cores:    `carafe_upsample`, `deform_upsample`.
+Flax modules:            `sapa_jax.linen.SAPA`, `CARAFE`, `SAPADeform` (and `sapa_jax.nnx.*`).
 PyTorch weights:         `sapa_jax.convert.from_torch` / `to_torch`.
 jax.export:              `sapa_jax.export_checks()`.
 """
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = ["sapa_upsample", "similarity", "normalize", "assemble", "ffi_available", "ffi_status",
            "FallbackWarning"]
-__all__ += ["export_checks"]
+__all__ += ["export_checks", "carafe_upsample", "deform_upsample"]
 __all__ += ["linen", "nnx", "convert", "modules"]
 
 # The Flax wrappers load on first use (`sapa_jax.linen`, `sapa_jax.nnx`), so the functional core
