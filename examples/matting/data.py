@@ -33,6 +33,7 @@ PALETTE = 4  # colours shared by foreground and background of one sample
 TRIMAP_BG, TRIMAP_UNKNOWN, TRIMAP_FG = 0, 1, 2
 _TRAIN_STREAM, _VAL_STREAM = 0, 1  # second seed word: keeps train and validation apart
 _STRANDS, _STRAND_SEGMENTS, _HOLES = 8, 6, 3
+_RENDER_CHUNK = 8  # mattes per call of the jitted renderer
 
 
 def _smooth_noise(rng, batch, size, cells, channels):
@@ -130,12 +131,14 @@ def _render_matte(p: dict, size: int):
     # Strands: polylines leaving the body slightly inside its edge and bending outwards; a
     # point is covered when its distance to the polyline is <= width / 2.
     t = jnp.linspace(0.0, 1.0, _STRAND_SEGMENTS + 1, dtype=jnp.float32)
-    hair = jnp.zeros((batch, n, n), jnp.float32)
-    for s in range(_STRANDS):
-        root = p["strand_root"][:, s]
+    strand_keys = ("strand_root", "strand_turn", "strand_length", "strand_bend",
+                   "strand_width", "strand_opacity", "strand_on")
+
+    def add_strand(hair, q):  # a scan over the strands keeps the program (and compile) small
+        root = q["strand_root"]
         edge = _radius(p, root[:, None])[:, 0]
-        step = p["strand_length"][:, s, None] / _STRAND_SEGMENTS
-        heading = (root + p["strand_turn"][:, s])[:, None] + p["strand_bend"][:, s, None] * t
+        step = q["strand_length"][:, None] / _STRAND_SEGMENTS
+        heading = (root + q["strand_turn"])[:, None] + q["strand_bend"][:, None] * t
         y0 = p["centre"][:, 0] + 0.85 * edge * jnp.sin(root)
         x0 = p["centre"][:, 1] + 0.85 * edge * jnp.cos(root)
         py = jnp.concatenate([y0[:, None], y0[:, None]
@@ -149,9 +152,12 @@ def _render_matte(p: dict, size: int):
             qy, qx = ys - ay, xs - ax
             w = jnp.clip((qy * ey + qx * ex) / (ey ** 2 + ex ** 2 + 1e-9), 0, 1)
             d2 = jnp.minimum(d2, (qy - w * ey) ** 2 + (qx - w * ex) ** 2)
-        cover = (d2 <= (p["strand_width"][:, s, None, None] / 2) ** 2)
-        cover = cover * (p["strand_on"][:, s, None, None] * p["strand_opacity"][:, s, None, None])
-        hair = 1 - (1 - hair) * (1 - cover)  # "over": strands may cross
+        cover = d2 <= (q["strand_width"][:, None, None] / 2) ** 2
+        cover = cover * (q["strand_on"] * q["strand_opacity"])[:, None, None]
+        return 1 - (1 - hair) * (1 - cover), None  # "over": strands may cross
+
+    per_strand = {key: jnp.moveaxis(p[key], 1, 0) for key in strand_keys}
+    hair, _ = jax.lax.scan(add_strand, jnp.zeros((batch, n, n), jnp.float32), per_strand)
     alpha = 1 - (1 - body) * (1 - hair)
     alpha = alpha.reshape(batch, size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(2, 4))
     return jnp.clip(alpha, 0.0, 1.0)
@@ -160,20 +166,27 @@ def _render_matte(p: dict, size: int):
 def make_alpha(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
     """`batch` anti-aliased mattes (B, S, S) float32 in [0, 1]."""
     params = _draw_matte_params(rng, batch, size)
-    return np.asarray(_render_matte(params, size))
+    # Rendered in chunks of a fixed size (the last padded by repetition): one compilation per
+    # image size, whatever the batch or validation-set size.
+    pad = -batch % _RENDER_CHUNK
+    params = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in params.items()}
+    chunks = [_render_matte({k: v[i:i + _RENDER_CHUNK] for k, v in params.items()}, size)
+              for i in range(0, batch + pad, _RENDER_CHUNK)]
+    return np.concatenate([np.asarray(c) for c in chunks])[:batch]
 
 
 def _dilate(mask, radius: np.ndarray):
-    """Per-image binary dilation of (B, S, S) by a (2r+1)^2 square, r (B,) in pixels."""
+    """Per-image binary dilation of (B, S, S) by a (2r+1)^2 square, r (B,) in pixels: r
+    rounds of 3 x 3 dilation, each applied to the images whose radius is not yet reached."""
     out = mask.copy()
-    for r in range(1, int(radius.max()) + 1):
-        grow = np.zeros_like(mask)
-        padded = np.pad(mask, ((0, 0), (r, r), (r, r)))
-        size = mask.shape[1]
-        for dy in (-r, 0, r):
-            for dx in (-r, 0, r):
-                grow |= padded[:, r + dy:r + dy + size, r + dx:r + dx + size]
-        out |= grow & (radius >= r)[:, None, None]
+    size = mask.shape[1]
+    for k in range(1, int(radius.max(initial=0)) + 1):
+        padded = np.pad(out, ((0, 0), (1, 1), (1, 1)))
+        grown = np.zeros_like(out)
+        for dy in range(3):
+            for dx in range(3):
+                grown |= padded[:, dy:dy + size, dx:dx + size]
+        out = np.where((radius >= k)[:, None, None], grown, out)
     return out
 
 
