@@ -230,12 +230,16 @@ def run(cfg: Config, stop: training.StopFlag | None = None) -> dict:
                                cfg.resume)
     runs, run_costs, predictions, interrupted = [], {}, {}, False
     started = time.perf_counter()
-    for upsampler in cfg.upsamplers:
-        trainer = make_trainer(cfg, upsampler, mesh)
-        for seed in cfg.seeds:
+    trainers = {}  # one per upsampler, compiled once and shared by its seeds
+    # Seed-major order: a run stopped early still holds complete, paired sets of seeds.
+    for seed in cfg.seeds:
+        for upsampler in cfg.upsamplers:
             if stop.requested:
                 interrupted = True
                 break
+            if upsampler not in trainers:
+                trainers[upsampler] = make_trainer(cfg, upsampler, mesh)
+            trainer = trainers[upsampler]
             record, state = training.train_loop(
                 upsampler, seed, loop, init=trainer.init, train_step=trainer.train_step,
                 batch=functools.partial(data.train_batch, seed, batch=cfg.batch_size,
