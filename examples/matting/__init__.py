@@ -1,0 +1,3 @@
+"""Image matting on synthetic mattes: what the decoder's upsampler does to soft edges and
+hair-like strands. Run `python -m examples.matting --help` from the repository root.
+"""

@@ -1,0 +1,6 @@
+"""`python -m examples.matting --help`"""
+import sys
+
+from .train import main
+
+sys.exit(main())
