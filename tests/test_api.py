@@ -18,6 +18,8 @@ from flax import nnx as flax_nnx
 import sapa_jax
 from sapa_jax import _checks, convert, core, linen, modules, nnx
 from torch_reference import SAPATorch
+from torch_reference_carafe import CARAFEPackTorch
+from torch_reference_deform import SAPADeformTorch
 
 ROOT = Path(__file__).resolve().parents[1]
 # `name = ...  # (2, 64, 64, 64)`: the README promises this shape for `name`.
@@ -32,9 +34,11 @@ def readme_python_blocks() -> list[str]:
 def test_readme_python_snippets_run_as_written():
     blocks = readme_python_blocks()
     assert len(blocks) >= 4
-    # The README's conversion snippet starts from "your" torch module: the test's stand-in is the
-    # independent PyTorch implementation of the official module.
-    namespace = {"torch_module": SAPATorch(32, 64, variant="B", embedding_dim=32)}
+    # The README's conversion snippets start from "your" torch modules: the test's stand-ins are
+    # the independent PyTorch implementations of the official SAPA, mmcv CARAFEPack and SAPADeform.
+    namespace = {"torch_module": SAPATorch(32, 64, variant="B", embedding_dim=32),
+                 "carafe_pack": CARAFEPackTorch(64, 2),
+                 "deform_module": SAPADeformTorch(32, 64)}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
         promised = {}
