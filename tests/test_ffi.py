@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 import sapa_jax
 from sapa_jax import _ffi
 
+import kernel_cases
 from conftest import random_qkv
 
 pytestmark = pytest.mark.skipif(not sapa_jax.ffi_available("cpu"),
@@ -242,3 +243,36 @@ def test_bad_backward_input_raises():
         jax.block_until_ready(_ffi.backward_call(q, k, v, stats[..., :1], out, o))
     with pytest.raises(Exception, match="g must have shape"):
         jax.block_until_ready(_ffi.backward_call(q, k, v, stats, out[:, :-1], o))
+
+
+# ------------------------------------------------------------------------- non-finite values
+# kernel_cases.py: one non-finite entry in q, k or v at a time; the isnan masks of out, dq, dk
+# and dv must equal impl="xla"'s.
+
+
+def nonfinite_results(impl, normalizer, border, cases):
+    """out, dq, dk, dv (NumPy) of impl for every case, from one jit compile."""
+    opts = dict(kernel_size=kernel_cases.NONFINITE_KERNEL_SIZE,
+                scale=kernel_cases.NONFINITE_SHAPE[3], normalizer=normalizer, border=border,
+                eps=1e-6)
+
+    @jax.jit
+    def run(q, k, v, g):
+        out, vjp = jax.vjp(lambda q, k, v: sapa_jax.sapa_upsample(q, k, v, impl=impl, **opts),
+                           q, k, v)
+        return (out, *vjp(g))
+
+    return [[np.asarray(a) for a in run(*kernel_cases.nonfinite_inputs(case))]
+            for case in cases]
+
+
+@pytest.mark.parametrize("normalizer", sapa_jax._checks.NORMALIZERS)
+@pytest.mark.parametrize("border", ["zeros", "valid"])
+def test_nonfinite_inputs_propagate_as_in_jnp(normalizer, border):
+    cases = kernel_cases.nonfinite_cases()
+    got = nonfinite_results("ffi", normalizer, border, cases)
+    want = nonfinite_results("xla", normalizer, border, cases)
+    for case, a, b in zip(cases, got, want):
+        assert not all(np.isfinite(x).all() for x in b), f"{case}: no effect on the results"
+        kernel_cases.assert_same_nan(
+            a, b, f"{normalizer}/{border}, {case[0]}{list(case[1])} = {case[2]}")
