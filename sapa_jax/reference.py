@@ -77,10 +77,12 @@ _H_FUNCTIONS = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "softplus": jax.
 def normalize(logits, *, normalizer: str, eps: float, counted=None):
     """Kernel weights from logits over the last axis; `counted` masks taps out (border "valid").
 
-    softmax, or h / (sum h + eps) with h in relu | sigmoid | softplus. A window whose h are
-    all 0 gives weights 0, never NaN; a
+    softmax; h / (sum h + eps) with h in relu | sigmoid | softplus; or "none", the logits
+    themselves (uncounted taps 0). A window whose h are all 0 gives weights 0, never NaN; a
     NaN or infinite sum passes through (IEEE: NaN in, NaN out).
     """
+    if normalizer == "none":
+        return logits if counted is None else jnp.where(counted, logits, 0.0)
     if normalizer == "softmax":
         if counted is not None:
             logits = jnp.where(counted, logits, -jnp.inf)

@@ -201,6 +201,10 @@ CASES = {
                                     np.float32, {"SAPA_CUDA_FORCE_SIMPLE": "1"}, "simple"),
     "softplus-valid-tile-cap-2": ((1,), 5, 7, 2, 9, 20, 3, "softplus", "valid", 1e-6, np.float32,
                                   {"SAPA_CUDA_TILE_CAP": "2"}, 2),
+    "none-zeros-s2-K5": ((1,), 4, 5, 2, 6, 40, 5, "none", "zeros", 1e-6, np.float32, {},
+                         "tiled"),
+    "none-valid-s3-K3-simple": ((1,), 3, 4, 3, 5, 9, 3, "none", "valid", 1e-6, np.float32,
+                                {"SAPA_CUDA_FORCE_SIMPLE": "1"}, "simple"),
 }
 
 

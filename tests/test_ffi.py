@@ -32,6 +32,8 @@ F32_CASES = [
     ("softplus", "valid", 3, 5, 5, 3, 4, 2, 77),   # channel blocks, vectors and a scalar tail
     ("softmax", "zeros", 2, 9, 1, 3, 17, 32, 40),  # 34 output columns: two lane blocks
     ("softmax", "valid", 3, 5, 2, 7, 5, 12, 64),
+    ("none", "zeros", 2, 5, 1, 4, 3, 5, 9),        # the logits are the weights
+    ("none", "valid", 3, 3, 2, 2, 5, 7, 33),
 ]
 
 
@@ -118,7 +120,40 @@ def test_mixed_dtypes_promote():
     assert dq.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("normalizer, border", [("softmax", "valid"), ("softplus", "zeros")])
+def none_oracle(q, k, v, kernel_size, scale, border):
+    """normalizer="none" as plain loops (float64): w = logit, uncounted taps 0 (valid)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    batch, out_h, out_w, _ = q.shape
+    height, width, channels = v.shape[1:]
+    r = kernel_size // 2
+    out = np.zeros((batch, out_h, out_w, channels))
+    for b in range(batch):
+        for i in range(out_h):
+            for j in range(out_w):
+                for dy in range(-r, r + 1):
+                    for dx in range(-r, r + 1):
+                        y, x = i // scale + dy, j // scale + dx
+                        if 0 <= y < height and 0 <= x < width:  # else v = 0 (and w = 0 if valid)
+                            out[b, i, j] += (q[b, i, j] @ k[b, y, x]) * v[b, y, x]
+    return out
+
+
+@pytest.mark.parametrize("case", [c for c in F32_CASES if c[0] == "none"],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_none_matches_loop_oracle(x64, case):
+    (q, k, v), opts = _inputs(case, dtype=np.float64)
+    want = none_oracle(q, k, v, opts["kernel_size"], opts["scale"], opts["border"])
+    for impl in ("ffi", "xla"):
+        got = sapa_jax.sapa_upsample(q, k, v, impl=impl, **opts)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12, err_msg=impl)
+    # With border "zeros" the out-of-map taps have logit 0: "none" gives the same either way.
+    if opts["border"] == "zeros":
+        other = sapa_jax.sapa_upsample(q, k, v, impl="ffi", **{**opts, "border": "valid"})
+        np.testing.assert_allclose(np.asarray(other), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalizer, border",
+                         [("softmax", "valid"), ("softplus", "zeros"), ("none", "valid")])
 def test_check_grads_f64(x64, normalizer, border):
     q, k, v = random_qkv(3, 1, 3, 2, 2, 3, 2, dtype=np.float64)
     opts = dict(kernel_size=3, scale=2, normalizer=normalizer, border=border, eps=2.0 ** -10)

@@ -11,6 +11,7 @@
 //                          softmax: {max logit, 1 / sum exp(logit - max)}
 //                          h-norm : {1 / (sum h + eps), 0}, or {0, 1} when sum h + eps == 0
 //                                   (weights 0; the backward then sees dh = dw, as jnp does)
+//                          none   : {0, 0} (the logits are the weights)
 // Tap p = (dy + r) * K + (dx + r), dy outer, dx inner, dy, dx in -r..r.
 #ifndef SAPA_JAX_XLA_FFI_SAPA_COMMON_H_
 #define SAPA_JAX_XLA_FFI_SAPA_COMMON_H_
@@ -27,8 +28,8 @@
 
 namespace sapa {
 
-enum Normalizer : int64_t { kSoftmax = 0, kRelu = 1, kSigmoid = 2, kSoftplus = 3 };
-constexpr int64_t kNumNormalizers = 4;
+enum Normalizer : int64_t { kSoftmax = 0, kRelu = 1, kSigmoid = 2, kSoftplus = 3, kNone = 4 };
+constexpr int64_t kNumNormalizers = 5;
 enum Border : int64_t { kZeros = 0, kValid = 1 };
 
 // Accumulation type: double for double inputs, float for everything else.
@@ -101,6 +102,7 @@ template <typename A> SAPA_HD A h_inverse(A denom) { return denom == A(0) ? A(0)
 template <typename A> SAPA_HD A tap_weight(int64_t normalizer, A logit, A stat0, A stat1, bool counted) {
   if (!counted) return A(0);
   if (normalizer == kSoftmax) return exp(logit - stat0) * stat1;
+  if (normalizer == kNone) return logit;
   return h_value(normalizer, logit) * stat0;
 }
 
@@ -112,6 +114,9 @@ template <typename A> SAPA_HD void finish_stats(int64_t normalizer, A eps, A top
   if (normalizer == kSoftmax) {
     *stat0 = top;
     *stat1 = A(1) / sum;  // sum >= 1 (or NaN): the max is a counted tap, the centre always counts
+  } else if (normalizer == kNone) {
+    *stat0 = A(0);
+    *stat1 = A(0);
   } else {
     const A denom = sum + eps;
     *stat0 = h_inverse(denom);

@@ -542,10 +542,11 @@ struct Kernel {
   }
 
   // Logits of taps left out of the normalisation (border "valid", outside the map) become
-  // -inf: every normaliser then gives them weight exactly 0, as h(-inf) = exp(-inf) = 0.
+  // -inf: every normaliser then gives them weight exactly 0, as h(-inf) = exp(-inf) = 0; for
+  // "none", whose weights are the logits, they become 0.
   SAPA_INLINE void mask_uncounted(A* logit, const uint8_t* inside) const {
     if (o.border == sapa::kZeros) return;  // every tap counts
-    const A masked = -std::numeric_limits<A>::infinity();
+    const A masked = o.normalizer == sapa::kNone ? A(0) : -std::numeric_limits<A>::infinity();
     for (int64_t e = 0; e < taps() * width; ++e)
       if (!sapa::tap_counted(o.border, inside[e])) logit[e] = masked;
   }
@@ -579,6 +580,12 @@ struct Kernel {
   // and stats st0[j], st1[j] (layout and finish_stats in sapa_common.h).
   SAPA_INLINE void normalise_row(const A* logit, A* w, A* st0, A* st1) const {
     const int64_t n = taps();
+    if (o.normalizer == sapa::kNone) {
+      std::copy(logit, logit + n * width, w);
+      std::fill(st0, st0 + width, A(0));
+      std::fill(st1, st1 + width, A(0));
+      return;
+    }
     A* sum = st1;  // the sums first, then stat 1
     std::fill(sum, sum + width, A(0));
     if (o.normalizer == sapa::kSoftmax) {
@@ -606,6 +613,10 @@ struct Kernel {
 
   // The same weights recomputed from saved stats (the same operations, so the same bits).
   SAPA_INLINE void weights_row(const A* logit, const A* st0, const A* st1, A* w) const {
+    if (o.normalizer == sapa::kNone) {
+      std::copy(logit, logit + taps() * width, w);
+      return;
+    }
     for (int64_t t = 0; t < taps(); ++t) {
       A* wt = w + t * width;
       if (o.normalizer == sapa::kSoftmax) {
@@ -642,10 +653,15 @@ struct Kernel {
   // the cancellation-free form of DESIGN.md: with w_u = h_u / (S + eps) summing to nearly 1,
   // dw_t - sum_u w_u dw_u would lose the eps / S part that the gradient consists of. For an
   // all-zero window (stat 1 set) jnp's safe denominator is 1: dh = dw.
+  //   none:      dlogit_t = dw_t
   SAPA_INLINE void logit_gradients(const A* logit, const A* w, const A* dw, const A* st0,
                                    const A* st1, const uint8_t* inside, A* h, A* mean,
                                    A* dl) const {
     const int64_t n = taps();
+    if (o.normalizer == sapa::kNone) {
+      for (int64_t e = 0; e < n * width; ++e) dl[e] = counted(inside, e) ? dw[e] : A(0);
+      return;
+    }
     if (o.normalizer == sapa::kSoftmax) {
       std::fill(mean, mean + width, A(0));
       for (int64_t t = 0; t < n; ++t)

@@ -130,11 +130,13 @@ template <typename F> __device__ __forceinline__ F warp_sum(F x) {
 // W = sum_j w_j, M = sum_j w_j dw_j. W and M come in double: products of floats are exact there,
 // so dw_p W - M keeps the eps-sized part that a float dw_p - M (w summing to nearly 1) loses,
 // in O(K^2) per point instead of the pairwise sum's O(K^4).
-// An all-zero window (stats.y set) has dh = dw, as jnp's safe denominator 1 gives.
+// An all-zero window (stats.y set) has dh = dw, as jnp's safe denominator 1 gives. "none": the
+// logits are the weights, dlogit = dw.
 __device__ __forceinline__ float tap_dlogit(int64_t normalizer, float eps, float logit, float w,
                                             float dw, float inv, float all_zero, float wdw,
                                             double W, double M) {
   if (normalizer == sapa::kSoftmax) return w * (dw - wdw);
+  if (normalizer == sapa::kNone) return dw;
   const double d = dw;
   const double core = static_cast<double>(eps) * inv * d + (d * W - M);
   const float dh = all_zero != 0.f ? dw : inv * static_cast<float>(core);
@@ -172,7 +174,7 @@ __device__ __forceinline__ float2 point_stats(const float* w, int stride, int Y,
     for_each_tap(Y, X, P, [&](int p, bool inside) {
       if (sapa::tap_counted(P.border, inside)) sum += expf(w[p * stride] - top);
     });
-  } else {
+  } else if (P.normalizer != sapa::kNone) {
     for_each_tap(Y, X, P, [&](int p, bool inside) {
       if (sapa::tap_counted(P.border, inside)) sum += sapa::h_value(P.normalizer, w[p * stride]);
     });
@@ -773,7 +775,7 @@ __device__ __forceinline__ float2 simple_stats(const T* __restrict__ qrow,
       if (sapa::tap_counted(P.border, inside)) sum += expf(x - top);
     }
     sum = warp_sum(sum);
-  } else {
+  } else if (P.normalizer != sapa::kNone) {
     for (int p = lane; p < P.T; p += 32) {
       bool inside;
       const float x = simple_logit(qrow, k, p, f, P, qzero, &inside);
