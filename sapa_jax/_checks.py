@@ -16,7 +16,7 @@ import numpy as np
 # What the public functions take as an array: anything with shape and dtype (tracers included).
 ArrayIn = Union[jax.Array, np.ndarray]
 
-NORMALIZERS = ("softmax", "relu", "sigmoid", "softplus")
+NORMALIZERS = ("softmax", "relu", "sigmoid", "softplus", "none")
 BORDERS = ("zeros", "valid")
 IMPLS = ("auto", "xla", "ffi")
 VARIANTS = ("I", "B", "P", "G")
