@@ -240,9 +240,9 @@ def _check_tree(params, *, order, norm_groups, missing_groups, module: str,
     unexpected = sorted(str(g) for g in params if g not in order)
     missing = list(missing_groups)
     for group in order:
-        leaves = params.get(group)
-        if leaves is None:
+        if group not in params:
             continue
+        leaves = params[group]
         if not isinstance(leaves, Mapping):
             raise TypeError(f"params[{group!r}] must be a dict, got {type(leaves).__name__}")
         if group in norm_groups:
