@@ -24,7 +24,9 @@ import jax.numpy as jnp
 
 from . import _checks
 from .carafe import carafe_upsample
-from .modules import ParamSpec, check_params, init_group, zeros_init
+from .modules import (ParamSpec, check_config, check_inits, check_params, init_tree,
+                      layer_spec, store_checked, zeros_init)
+from .modules import compute_dtype as _compute_dtype
 
 GROUPS = ("channel_compressor", "content_encoder")  # creation order, mmcv's names
 
@@ -64,7 +66,8 @@ class CARAFEConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        checked = dict(
+        store_checked(
+            self,
             scale=_checks.check_int("scale", self.scale, minimum=1),
             kernel_size=_checks.check_int("kernel_size", self.kernel_size, minimum=1, odd=True),
             groups=_checks.check_int("groups", self.groups, minimum=1),
@@ -76,12 +79,7 @@ class CARAFEConfig:
                                                   self.compressed_channels, minimum=1),
             normalizer=_checks.check_choice("normalizer", self.normalizer, _checks.NORMALIZERS),
             eps=_checks.check_eps(self.eps),
-            impl=_checks.check_choice("impl", self.impl, _checks.IMPLS),
-            dtype=_checks.check_dtype("dtype", self.dtype, allow_none=True),
-            param_dtype=_checks.check_dtype("param_dtype", self.param_dtype, allow_none=False),
         )
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
 
     @property
     def encoder_channels(self) -> int:
@@ -111,27 +109,17 @@ def param_specs(config: CARAFEConfig, channels: int, *,
     `content_encoder`: kernel (k, k, Cm, groups*K*K*s*s) from `encoder_init`, bias; biases
     from `bias_init`.
     """
-    if not isinstance(config, CARAFEConfig):
-        raise TypeError(f"config must be a CARAFEConfig, got {type(config).__name__}")
+    check_config(config, CARAFEConfig)
     channels = check_channels(config, channels)
-    for name, init in (("kernel_init", kernel_init), ("encoder_init", encoder_init),
-                       ("bias_init", bias_init)):
-        _checks.check_callable(name, init)
+    check_inits(kernel_init=kernel_init, encoder_init=encoder_init, bias_init=bias_init)
     mid, k, out = config.compressed_channels, config.encoder_kernel, config.encoder_channels
-    return {
-        "channel_compressor": {"kernel": ParamSpec((1, 1, channels, mid), kernel_init),
-                               "bias": ParamSpec((mid,), bias_init)},
-        "content_encoder": {"kernel": ParamSpec((k, k, mid, out), encoder_init),
-                            "bias": ParamSpec((out,), bias_init)},
-    }
+    return {"channel_compressor": layer_spec((1, 1, channels, mid), kernel_init, bias_init),
+            "content_encoder": layer_spec((k, k, mid, out), encoder_init, bias_init)}
 
 
 def init_params(key, config: CARAFEConfig, channels: int, **inits) -> dict[str, dict]:
     """A freshly initialised parameter dict for `carafe_apply` (functional use, no Flax)."""
-    specs = param_specs(config, channels, **inits)
-    keys = jax.random.split(key, len(specs))
-    return {name: init_group(k, group, config.param_dtype)
-            for k, (name, group) in zip(keys, specs.items())}
+    return init_tree(key, param_specs(config, channels, **inits), config.param_dtype)
 
 
 def describe(config: CARAFEConfig, channels: int) -> str:
@@ -174,9 +162,7 @@ def _conv(a, group, dtype, *, padding: int = 0, dilation: int = 1):
 
 def compute_dtype(x, params, dtype):
     """`dtype`, or the promoted dtype of the input and the parameters."""
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    return jnp.dtype(jnp.result_type(x, *jax.tree_util.tree_leaves(params)))
+    return _compute_dtype(x, x, params, dtype)  # one input: it stands in for both
 
 
 def encoder_logits(params, x, config: CARAFEConfig):
@@ -190,8 +176,7 @@ def encoder_logits(params, x, config: CARAFEConfig):
     Returns:
       `(logits, x)`, both in the computation dtype.
     """
-    if not isinstance(config, CARAFEConfig):
-        raise TypeError(f"config must be a CARAFEConfig, got {type(config).__name__}")
+    check_config(config, CARAFEConfig)
     check_input(x, config)
     channels = int(x.shape[-1])
     check_params(params, param_specs(config, channels), context=describe(config, channels),
@@ -207,10 +192,7 @@ def encoder_logits(params, x, config: CARAFEConfig):
 def carafe_apply(params, x, config: CARAFEConfig):
     """The CARAFE module's forward pass as a pure function.
 
-    Args:
-      params: nested dict with the structure of `param_specs(config, C)`.
-      x: low-res feature `(B, H, W, C)`.
-      config: the static options.
+    Args: as `encoder_logits`.
 
     Returns:
       `(B, s*H, s*W, C)` in the computation dtype.

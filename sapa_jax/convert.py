@@ -81,8 +81,9 @@ def _infer_flags(keys, variant: str, use_bias, value_proj):
     return use_bias, value_proj
 
 
-def _check_keys(keys, variant, use_bias, value_proj):
-    expected = expected_keys(variant=variant, value_proj=value_proj, use_bias=use_bias)
+def _check_exact_keys(keys, expected: list[str], module: str) -> None:
+    """ValueError listing the missing and unexpected keys unless `keys` are exactly
+    `expected`; `module` says what the state_dict should have come from."""
     missing = [k for k in expected if k not in keys]
     unexpected = sorted(k for k in keys if k not in expected)
     if missing or unexpected:
@@ -91,10 +92,15 @@ def _check_keys(keys, variant, use_bias, value_proj):
             parts.append(f"missing keys {missing}")
         if unexpected:
             parts.append(f"unexpected keys {unexpected}")
-        raise ValueError(
-            f"state_dict does not match a SAPA module with variant={variant!r}, "
-            f"use_bias={use_bias}, value projection={value_proj}: " + "; ".join(parts)
-            + f" (expected exactly {expected})")
+        raise ValueError(f"state_dict does not match {module}: " + "; ".join(parts)
+                         + f" (expected exactly {expected})")
+
+
+def _check_keys(keys, variant, use_bias, value_proj):
+    _check_exact_keys(keys, expected_keys(variant=variant, value_proj=value_proj,
+                                          use_bias=use_bias),
+                      f"a SAPA module with variant={variant!r}, use_bias={use_bias}, "
+                      f"value projection={value_proj}")
 
 
 def _shape(arrays, key, rank):
@@ -133,20 +139,37 @@ def _read(state_dict, *, variant, prefix, use_bias, value_proj):
     return options, arrays
 
 
-def _to_flax_tree(arrays) -> dict:
+def _to_flax_tree(arrays, norm_groups, weight_to_kernel) -> dict:
+    """torch keys `group.leaf` -> `{group: {leaf: array}}`: a norm group's `weight` becomes
+    `scale`, any other `weight` becomes `kernel = weight_to_kernel(key, weight)`."""
     params: dict = {}
     for key, value in arrays.items():
         group, leaf = key.split(".", 1)
         if leaf == "weight":
-            if group in modules.NORM_GROUPS:
+            if group in norm_groups:
                 leaf = "scale"
             else:
-                _shape(arrays, key, 2)
-                leaf, value = "kernel", np.ascontiguousarray(value.T)
-        else:
-            _shape(arrays, key, 1)
+                leaf, value = "kernel", weight_to_kernel(key, value)
         params.setdefault(group, {})[leaf] = value
     return params
+
+
+def _linear_kernel(key, value):
+    """Linear weight (out, in) -> kernel (in, out)."""
+    return np.ascontiguousarray(value.T)
+
+
+def _conv_kernel(key, value):
+    """Conv weight (out, in, kh, kw) -> kernel (kh, kw, in, out)."""
+    return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+
+
+def _to_jax(params, dtype) -> dict:
+    """The tree's arrays as jax arrays of `dtype` (None: as stored)."""
+    if dtype is not None:
+        dtype = _checks.check_dtype("dtype", dtype, allow_none=False)
+    return {g: {leaf: jnp.asarray(v, dtype) for leaf, v in group.items()}
+            for g, group in params.items()}
 
 
 def from_torch(state_dict: StateDict, *, variant: str, prefix: str = "",
@@ -171,17 +194,16 @@ def from_torch(state_dict: StateDict, *, variant: str, prefix: str = "",
     """
     options, arrays = _read(state_dict, variant=variant, prefix=prefix, use_bias=use_bias,
                             value_proj=value_proj)
-    params = _to_flax_tree(arrays)
+    for key in arrays:  # Linear weights (out, in), everything else a vector
+        linear = key.endswith(".weight") and key.split(".")[0] not in modules.NORM_GROUPS
+        _shape(arrays, key, 2 if linear else 1)
+    params = _to_flax_tree(arrays, modules.NORM_GROUPS, _linear_kernel)
     dim_y, dim_x = options.pop("dim_y"), options.pop("dim_x")
     config = modules.SAPAConfig(variant=variant, **options)
     modules.check_params(params, modules.param_specs(config, dim_y, dim_x),
                          context="from_torch: shapes inconsistent with each other; "
                                  + modules.describe(config, dim_y, dim_x))
-    if dtype is not None:
-        dtype = _checks.check_dtype("dtype", dtype, allow_none=False)
-    params = {g: {leaf: jnp.asarray(v, dtype) for leaf, v in group.items()}
-              for g, group in params.items()}
-    return {"params": params}
+    return {"params": _to_jax(params, dtype)}
 
 
 def _as_params_dict(tree):
@@ -210,6 +232,48 @@ def _numpy_copy(value) -> np.ndarray:
     return np.array(value, copy=True)
 
 
+def _check_tree(params, *, order, norm_groups, missing_groups, module: str,
+                kernel_needs_bias: bool = False) -> None:
+    """ValueError listing missing and unexpected groups and leaves of a Flax tree about to be
+    written in torch layout: groups must be in `order`, norm groups have `scale` and `bias`,
+    the others `kernel` and (required with `kernel_needs_bias`, else optional) `bias`."""
+    unexpected = sorted(str(g) for g in params if g not in order)
+    missing = list(missing_groups)
+    for group in order:
+        if group not in params:
+            continue
+        leaves = params[group]
+        if not isinstance(leaves, Mapping):
+            raise TypeError(f"params[{group!r}] must be a dict, got {type(leaves).__name__}")
+        if group in norm_groups:
+            need = ok = ("scale", "bias")
+        else:
+            ok = ("kernel", "bias")
+            need = ok if kernel_needs_bias else ("kernel",)
+        missing += [f"{group}/{leaf}" for leaf in need if leaf not in leaves]
+        unexpected += [f"{group}/{leaf}" for leaf in leaves if leaf not in ok]
+    if missing or unexpected:
+        raise ValueError(f"parameters do not match {module}: missing {missing}, "
+                         f"unexpected {unexpected}")
+
+
+def _to_torch_layout(params, order, norm_groups, kernel_to_weight) -> dict[str, np.ndarray]:
+    """A checked Flax tree -> torch keys `group.weight` / `group.bias` (NumPy copies): norm
+    `scale` is the weight, any other group's weight is `kernel_to_weight(group, kernel)`."""
+    out = {}
+    for group in order:
+        if group not in params:
+            continue
+        leaves = params[group]
+        if group in norm_groups:
+            out[f"{group}.weight"] = _numpy_copy(leaves["scale"])
+        else:
+            out[f"{group}.weight"] = kernel_to_weight(group, _numpy_copy(leaves["kernel"]))
+        if "bias" in leaves:
+            out[f"{group}.bias"] = _numpy_copy(leaves["bias"])
+    return out
+
+
 def to_torch(variables_or_params: Any, *, variant: str) -> dict[str, np.ndarray]:
     """NumPy arrays in the official PyTorch layout (keys `q.weight` (out, in), ...).
 
@@ -221,42 +285,31 @@ def to_torch(variables_or_params: Any, *, variant: str) -> dict[str, np.ndarray]
     """
     variant = _checks.check_choice("variant", variant, _checks.VARIANTS)
     params = _as_params_dict(variables_or_params)
-    allowed = set(modules.NORM_GROUPS) | set(modules.LINEAR_GROUPS[variant]) | {"v"}
     required = set(modules.NORM_GROUPS) | set(modules.LINEAR_GROUPS[variant])
-    unexpected = sorted(str(g) for g in params if g not in allowed)
-    missing = sorted(g for g in required if g not in params)
-    bad_leaves = []
-    for group, leaves in params.items():
-        if group not in allowed or not isinstance(leaves, Mapping):
-            continue
-        need = ("scale", "bias") if group in modules.NORM_GROUPS else ("kernel",)
-        ok = need + (() if group in modules.NORM_GROUPS else ("bias",))
-        missing += [f"{group}/{leaf}" for leaf in need if leaf not in leaves]
-        bad_leaves += [f"{group}/{leaf}" for leaf in leaves if leaf not in ok]
-    if unexpected or missing or bad_leaves:
-        raise ValueError(
-            f"parameters do not match a SAPA module with variant={variant!r}: "
-            f"missing {missing}, unexpected {unexpected + bad_leaves}")
-    out = {}
     order = list(modules.NORM_GROUPS) + list(modules.LINEAR_GROUPS[variant]) + ["v"]
-    for group in order:
-        if group not in params:
-            continue
-        leaves = params[group]
-        if not isinstance(leaves, Mapping):
-            raise TypeError(f"params[{group!r}] must be a dict, got {type(leaves).__name__}")
-        if group in modules.NORM_GROUPS:
-            out[f"{group}.weight"] = _numpy_copy(leaves["scale"])
-            out[f"{group}.bias"] = _numpy_copy(leaves["bias"])
-        else:
-            kernel = _numpy_copy(leaves["kernel"])
-            if kernel.ndim != 2:
-                raise ValueError(f"{group}/kernel must have rank 2 (in, out), "
-                                 f"got shape {kernel.shape}")
-            out[f"{group}.weight"] = np.ascontiguousarray(kernel.T)
-            if "bias" in leaves:
-                out[f"{group}.bias"] = _numpy_copy(leaves["bias"])
-    return out
+    _check_tree(params, order=order, norm_groups=modules.NORM_GROUPS,
+                missing_groups=sorted(g for g in required if g not in params),
+                module=f"a SAPA module with variant={variant!r}")
+
+    def linear_weight(group, kernel):
+        if kernel.ndim != 2:
+            raise ValueError(f"{group}/kernel must have rank 2 (in, out), "
+                             f"got shape {kernel.shape}")
+        return np.ascontiguousarray(kernel.T)
+    return _to_torch_layout(params, order, modules.NORM_GROUPS, linear_weight)
+
+
+def _copy_into_nnx(module: Any, params, *, context: str, what: str = "SAPA") -> Any:
+    """Check `params` against `module.param_specs()`, then copy them into the module's
+    `ParamGroup`s in place, cast to the dtype of each parameter; returns the module."""
+    modules.check_params(params, module.param_specs(), what=what,
+                         context="state_dict vs module: " + context)
+    for group, leaves in params.items():
+        holder = getattr(module, group)
+        for leaf, value in leaves.items():
+            variable = getattr(holder, leaf)
+            variable.set_value(jnp.asarray(value, variable[...].dtype))
+    return module
 
 
 def load_into_nnx(module: Any, state_dict: StateDict, *, prefix: str = "") -> Any:
@@ -271,16 +324,8 @@ def load_into_nnx(module: Any, state_dict: StateDict, *, prefix: str = "") -> An
     variables = from_torch(state_dict, variant=config.variant, prefix=prefix,
                            use_bias=config.use_bias,
                            value_proj=config.projects_value(module.dim_x))
-    params = variables["params"]
-    modules.check_params(params, module.param_specs(),
-                         context="state_dict vs module: "
-                                 + modules.describe(config, module.dim_y, module.dim_x))
-    for group, leaves in params.items():
-        holder = getattr(module, group)
-        for leaf, value in leaves.items():
-            variable = getattr(holder, leaf)
-            variable.set_value(jnp.asarray(value, variable[...].dtype))
-    return module
+    return _copy_into_nnx(module, variables["params"],
+                          context=modules.describe(config, module.dim_y, module.dim_x))
 
 
 # ----------------------------------------------------------------------------- CARAFE
@@ -298,16 +343,7 @@ CARAFE_KEYS = ("channel_compressor.weight", "channel_compressor.bias",
 def _carafe_read(state_dict, prefix: str):
     """Checked NumPy arrays of a CARAFEPack state_dict and the widths they imply."""
     selected = _select(state_dict, prefix)
-    missing = [k for k in CARAFE_KEYS if k not in selected]
-    unexpected = sorted(k for k in selected if k not in CARAFE_KEYS)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        raise ValueError("state_dict does not match an mmcv CARAFEPack: " + "; ".join(parts)
-                         + f" (expected exactly {list(CARAFE_KEYS)})")
+    _check_exact_keys(selected, list(CARAFE_KEYS), "an mmcv CARAFEPack")
     arrays = {key: _to_numpy(prefix + key, value) for key, value in selected.items()}
     mid, channels, kh, kw = _shape(arrays, "channel_compressor.weight", 4)
     if (kh, kw) != (1, 1):
@@ -350,15 +386,7 @@ def carafe_from_torch(state_dict, *, prefix: str = "", dtype=None) -> dict:
       ValueError: listing the missing and unexpected keys, or on inconsistent shapes.
     """
     _, arrays = _carafe_read(state_dict, prefix)
-    if dtype is not None:
-        dtype = _checks.check_dtype("dtype", dtype, allow_none=False)
-    params: dict = {}
-    for key, value in arrays.items():
-        group, leaf = key.split(".")
-        if leaf == "weight":  # (out, in, kh, kw) -> (kh, kw, in, out)
-            leaf, value = "kernel", np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-        params.setdefault(group, {})[leaf] = jnp.asarray(value, dtype)
-    return {"params": params}
+    return {"params": _to_jax(_to_flax_tree(arrays, (), _conv_kernel), dtype)}
 
 
 def carafe_to_torch(variables_or_params) -> dict[str, np.ndarray]:
@@ -367,30 +395,18 @@ def carafe_to_torch(variables_or_params) -> dict[str, np.ndarray]:
     Accepts Linen variables, the bare params tree, any pytree of the same structure (e.g.
     gradients), an `nnx.CARAFE` module or its `nnx.State`. Arrays keep their dtype.
     """
+    from .carafe_modules import GROUPS
+
     params = _as_params_dict(variables_or_params)
-    groups = ("channel_compressor", "content_encoder")
-    missing = [g for g in groups if g not in params]
-    unexpected = sorted(str(g) for g in params if g not in groups)
-    for group in groups:
-        leaves = params.get(group)
-        if leaves is None:
-            continue
-        if not isinstance(leaves, Mapping):
-            raise TypeError(f"params[{group!r}] must be a dict, got {type(leaves).__name__}")
-        missing += [f"{group}/{leaf}" for leaf in ("kernel", "bias") if leaf not in leaves]
-        unexpected += [f"{group}/{leaf}" for leaf in leaves if leaf not in ("kernel", "bias")]
-    if missing or unexpected:
-        raise ValueError(f"parameters do not match a CARAFE module: missing {missing}, "
-                         f"unexpected {unexpected}")
-    out = {}
-    for group in groups:
-        kernel = _numpy_copy(params[group]["kernel"])
+    _check_tree(params, order=GROUPS, norm_groups=(), kernel_needs_bias=True,
+                missing_groups=[g for g in GROUPS if g not in params], module="a CARAFE module")
+
+    def conv_weight(group, kernel):
         if kernel.ndim != 4:
             raise ValueError(f"{group}/kernel must have rank 4 (kh, kw, in, out), "
                              f"got shape {kernel.shape}")
-        out[f"{group}.weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
-        out[f"{group}.bias"] = _numpy_copy(params[group]["bias"])
-    return out
+        return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+    return _to_torch_layout(params, GROUPS, (), conv_weight)
 
 
 def carafe_load_into_nnx(module, state_dict, *, prefix: str = ""):
@@ -405,15 +421,8 @@ def carafe_load_into_nnx(module, state_dict, *, prefix: str = ""):
             and hasattr(module, "params_dict")):
         raise TypeError(f"module must be a sapa_jax.nnx.CARAFE, got {type(module).__name__}")
     params = carafe_from_torch(state_dict, prefix=prefix)["params"]
-    modules.check_params(params, module.param_specs(), what="CARAFE",
-                         context="state_dict vs module: "
-                                 + describe(module.config, module.channels))
-    for group, leaves in params.items():
-        holder = getattr(module, group)
-        for leaf, value in leaves.items():
-            variable = getattr(holder, leaf)
-            variable.set_value(jnp.asarray(value, variable[...].dtype))
-    return module
+    return _copy_into_nnx(module, params, what="CARAFE",
+                          context=describe(module.config, module.channels))
 
 
 # ----------------------------------------------------------------------------- SAPA-D
@@ -448,18 +457,8 @@ def _deform_read(state_dict, *, prefix, use_bias, norm):
         use_bias = any(f"{g}.bias" in selected for g in deform_modules.CONV_GROUPS)
     if norm is None:
         norm = any(key.startswith(("norm_y.", "norm_x.")) for key in selected)
-    expected = deform_expected_keys(use_bias=use_bias, norm=norm)
-    missing = [k for k in expected if k not in selected]
-    unexpected = sorted(k for k in selected if k not in expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        raise ValueError(
-            f"state_dict does not match a SAPADeform module with use_bias={use_bias}, "
-            f"norm={norm}: " + "; ".join(parts) + f" (expected exactly {expected})")
+    _check_exact_keys(selected, deform_expected_keys(use_bias=use_bias, norm=norm),
+                      f"a SAPADeform module with use_bias={use_bias}, norm={norm}")
     arrays = {key: _to_numpy(prefix + key, value) for key, value in selected.items()}
     for key, value in arrays.items():
         group, leaf = key.split(".")
@@ -516,17 +515,7 @@ def deform_from_torch(state_dict, *, prefix: str = "", dtype=None, use_bias=None
       ValueError: listing the missing and unexpected keys, or inconsistent shapes.
     """
     arrays, _, _ = _deform_read(state_dict, prefix=prefix, use_bias=use_bias, norm=norm)
-    if dtype is not None:
-        dtype = _checks.check_dtype("dtype", dtype, allow_none=False)
-    params: dict = {}
-    for key, value in arrays.items():
-        group, leaf = key.split(".")
-        if leaf == "weight":
-            if group in deform_modules.NORM_GROUPS:
-                leaf = "scale"
-            else:
-                leaf, value = "kernel", np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-        params.setdefault(group, {})[leaf] = jnp.asarray(value, dtype)
+    params = _to_jax(_to_flax_tree(arrays, deform_modules.NORM_GROUPS, _conv_kernel), dtype)
     order = list(deform_modules.NORM_GROUPS) + list(deform_modules.CONV_GROUPS)
     return {"params": {g: params[g] for g in order if g in params}}
 
@@ -539,41 +528,19 @@ def deform_to_torch(variables_or_params) -> dict[str, np.ndarray]:
     (1, 1, in, out) become weights (out, in, 1, 1); GroupNorm `scale` becomes `weight`.
     """
     params = _as_params_dict(variables_or_params)
-    allowed = set(deform_modules.NORM_GROUPS) | set(deform_modules.CONV_GROUPS)
-    unexpected = sorted(str(g) for g in params if g not in allowed)
-    missing = [g for g in deform_modules.CONV_GROUPS if g not in params]
-    if any(g in params for g in deform_modules.NORM_GROUPS):
-        missing += [g for g in deform_modules.NORM_GROUPS if g not in params]
-    for group, leaves in params.items():
-        if group not in allowed:
-            continue
-        if not isinstance(leaves, Mapping):
-            raise TypeError(f"params[{group!r}] must be a dict, got {type(leaves).__name__}")
-        norm = group in deform_modules.NORM_GROUPS
-        need = ("scale", "bias") if norm else ("kernel",)
-        ok = ("scale", "bias") if norm else ("kernel", "bias")
-        missing += [f"{group}/{leaf}" for leaf in need if leaf not in leaves]
-        unexpected += [f"{group}/{leaf}" for leaf in leaves if leaf not in ok]
-    if unexpected or missing:
-        raise ValueError(f"parameters do not match a SAPADeform module: missing {missing}, "
-                         f"unexpected {unexpected}")
-    out = {}
-    for group in list(deform_modules.NORM_GROUPS) + list(deform_modules.CONV_GROUPS):
-        if group not in params:
-            continue
-        leaves = params[group]
-        if group in deform_modules.NORM_GROUPS:
-            out[f"{group}.weight"] = _numpy_copy(leaves["scale"])
-            out[f"{group}.bias"] = _numpy_copy(leaves["bias"])
-            continue
-        kernel = _numpy_copy(leaves["kernel"])
+    norms, convs = deform_modules.NORM_GROUPS, deform_modules.CONV_GROUPS
+    missing = [g for g in convs if g not in params]
+    if any(g in params for g in norms):  # both norms or none
+        missing += [g for g in norms if g not in params]
+    _check_tree(params, order=list(norms) + list(convs), norm_groups=norms,
+                missing_groups=missing, module="a SAPADeform module")
+
+    def conv1x1_weight(group, kernel):
         if kernel.ndim != 4 or kernel.shape[:2] != (1, 1):
             raise ValueError(f"{group}/kernel must be a 1x1 conv kernel (1, 1, in, out), "
                              f"got shape {kernel.shape}")
-        out[f"{group}.weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
-        if "bias" in leaves:
-            out[f"{group}.bias"] = _numpy_copy(leaves["bias"])
-    return out
+        return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+    return _to_torch_layout(params, list(norms) + list(convs), norms, conv1x1_weight)
 
 
 def load_deform_into_nnx(module, state_dict, *, prefix: str = ""):
@@ -585,12 +552,5 @@ def load_deform_into_nnx(module, state_dict, *, prefix: str = ""):
         raise TypeError(f"module must be a sapa_jax.nnx.SAPADeform, got {type(module).__name__}")
     params = deform_from_torch(state_dict, prefix=prefix, use_bias=config.use_bias,
                                norm=config.norm)["params"]
-    modules.check_params(params, module.param_specs(),
-                         context="state_dict vs module: "
-                                 + deform_modules.describe(config, module.dim_y, module.dim_x))
-    for group, leaves in params.items():
-        holder = getattr(module, group)
-        for leaf, value in leaves.items():
-            variable = getattr(holder, leaf)
-            variable.set_value(jnp.asarray(value, variable[...].dtype))
-    return module
+    return _copy_into_nnx(module, params,
+                          context=deform_modules.describe(config, module.dim_y, module.dim_x))

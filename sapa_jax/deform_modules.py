@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
+from .carafe_modules import pixel_shuffle
 from .deform import deform_upsample
-from .modules import (ParamSpec, check_params, compute_dtype, init_group, nearest_up, ones_init,
+from .modules import (ParamSpec, check_config, check_dim_pair, check_inits, check_params,
+                      compute_dtype, init_tree, layer_spec, nearest_up, norm_spec, store_checked,
                       zeros_init)
 
 GROUP_NORM_GROUPS = 32   # upstream nn.GroupNorm(32, dim)
@@ -67,7 +69,8 @@ class DeformConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        checked = dict(
+        store_checked(
+            self,
             num_points=_checks.check_int("num_points", self.num_points, minimum=1),
             groups=_checks.check_int("groups", self.groups, minimum=1),
             embedding_dim=_checks.check_int("embedding_dim", self.embedding_dim, minimum=1),
@@ -75,12 +78,7 @@ class DeformConfig:
             use_bias=_checks.check_bool("use_bias", self.use_bias),
             high_offset=_checks.check_bool("high_offset", self.high_offset),
             norm=_checks.check_bool("norm", self.norm),
-            impl=_checks.check_choice("impl", self.impl, _checks.IMPLS),
-            dtype=_checks.check_dtype("dtype", self.dtype, allow_none=True),
-            param_dtype=_checks.check_dtype("param_dtype", self.param_dtype, allow_none=False),
         )
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
 
     @property
     def offset_dim(self) -> int:
@@ -91,8 +89,7 @@ class DeformConfig:
 
 def check_dims(config: DeformConfig, dim_y, dim_x, *, names=("dim_y", "dim_x")):
     """Channel counts of y and x: integers, x divisible by groups, multiples of 32 for norm."""
-    dim_y = _checks.check_int(names[0], dim_y, minimum=1)
-    dim_x = _checks.check_int(names[1], dim_x, minimum=1)
+    dim_y, dim_x = check_dim_pair(dim_y, dim_x, names)
     if dim_x % config.groups:
         raise ValueError(
             f"{names[1]} must be divisible by groups={config.groups} (the value x is split "
@@ -112,21 +109,17 @@ def param_specs(config: DeformConfig, dim_y: int, dim_x: int, *,
     """The parameters of `config` for y with `dim_y` and x with `dim_x` channels, in creation
     order (upstream's): norm_y, norm_x (with norm), q, k, offset; conv kernels (1, 1, in, out).
     """
-    if not isinstance(config, DeformConfig):
-        raise TypeError(f"config must be a DeformConfig, got {type(config).__name__}")
+    check_config(config, DeformConfig)
     dim_y, dim_x = check_dims(config, dim_y, dim_x)
-    _checks.check_callable("kernel_init", kernel_init)
-    _checks.check_callable("bias_init", bias_init)
+    check_inits(kernel_init=kernel_init, bias_init=bias_init)
     specs = {}
     if config.norm:
-        for name, dim in (("norm_y", dim_y), ("norm_x", dim_x)):
-            specs[name] = {"scale": ParamSpec((dim,), ones_init), "bias": ParamSpec((dim,), zeros_init)}
+        specs.update(norm_y=norm_spec(dim_y), norm_x=norm_spec(dim_x))
     qk_dim = config.groups * config.embedding_dim
     for name, fan_in, fan_out in (("q", dim_y, qk_dim), ("k", dim_x, qk_dim),
                                   ("offset", dim_x, config.offset_dim)):
-        specs[name] = {"kernel": ParamSpec((1, 1, fan_in, fan_out), kernel_init)}
-        if config.use_bias:
-            specs[name]["bias"] = ParamSpec((fan_out,), bias_init)
+        specs[name] = layer_spec((1, 1, fan_in, fan_out), kernel_init, bias_init,
+                                 config.use_bias)
     return specs
 
 
@@ -135,9 +128,7 @@ def init_params(key, config: DeformConfig, dim_y: int, dim_x: int, *,
                 bias_init: Callable = default_bias_init) -> dict[str, dict[str, jax.Array]]:
     """A freshly initialised parameter dict for `deform_apply` (functional use, no Flax)."""
     specs = param_specs(config, dim_y, dim_x, kernel_init=kernel_init, bias_init=bias_init)
-    keys = jax.random.split(key, len(specs))
-    return {name: init_group(k, group, config.param_dtype)
-            for k, (name, group) in zip(keys, specs.items())}
+    return init_tree(key, specs, config.param_dtype)
 
 
 def describe(config: DeformConfig, dim_y: int, dim_x: int) -> str:
@@ -179,18 +170,6 @@ def conv1x1(a, group, dtype):
     return out
 
 
-def pixel_shuffle(a, scale: int):
-    """(B, H, W, C*s*s) -> (B, s*H, s*W, C): channel c*s^2 + i*s + j goes to (h*s+i, w*s+j),
-    channel c (torch's F.pixel_shuffle in NHWC)."""
-    if scale == 1:
-        return a
-    batch, height, width, channels = a.shape
-    out_c = channels // (scale * scale)
-    a = a.reshape(batch, height, width, out_c, scale, scale)
-    a = a.transpose(0, 1, 4, 2, 5, 3)
-    return a.reshape(batch, height * scale, width * scale, out_c)
-
-
 def deform_project(params, y, x, config: DeformConfig):
     """Everything before the core: `(q, k, v, offsets)` in the computation dtype.
 
@@ -204,8 +183,7 @@ def deform_project(params, y, x, config: DeformConfig):
       q `(B, sH, sW, G*E)`, k `(B, H, W, G*E)`, v = x `(B, H, W, Cx)`, offsets
       `(B, sH, sW, G*P*2)`.
     """
-    if not isinstance(config, DeformConfig):
-        raise TypeError(f"config must be a DeformConfig, got {type(config).__name__}")
+    check_config(config, DeformConfig)
     check_inputs(y, x, config)
     dim_y, dim_x = int(y.shape[-1]), int(x.shape[-1])
     check_params(params, param_specs(config, dim_y, dim_x),

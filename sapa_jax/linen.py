@@ -1,8 +1,7 @@
 """Flax Linen SAPA module: parameters from `modules.param_specs`, forward `modules.sapa_apply`."""
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -11,9 +10,24 @@ import jax.numpy as jnp
 
 from . import modules
 from ._checks import ArrayIn
-from .modules import SAPAConfig, default_bias_init, default_kernel_init
+from .modules import ParamSpec, SAPAConfig, default_bias_init, default_kernel_init
 
 __all__ = ["SAPA"]
+
+
+def _create_params(module: nn.Module, specs: Mapping[str, Mapping[str, ParamSpec]],
+                  param_dtype: Any, *, context: str, what: str) -> dict[str, Any]:
+    """The parameter groups of `specs` as `module.param`s (inside an `nn.compact` call).
+
+    Applied with existing parameters, the whole tree is checked first (`modules.check_params`,
+    naming the module `what` with `context`): Flax's own check only compares leaf shapes
+    pairwise. The wrappers then call their family's body, which checks nothing again.
+    """
+    if not module.is_initializing() and "params" in module.variables:
+        modules.check_params(module.variables["params"], specs, context=context, what=what)
+    return {name: module.param(
+                name, lambda key, group=group: modules.init_group(key, group, param_dtype))
+            for name, group in specs.items()}
 
 
 class SAPA(nn.Module):
@@ -70,8 +84,7 @@ class SAPA(nn.Module):
 
     def config(self) -> SAPAConfig:
         """The validated static options of this module (its fields that SAPAConfig has)."""
-        return SAPAConfig(**{f.name: getattr(self, f.name)
-                             for f in dataclasses.fields(SAPAConfig)})
+        return modules.config_from_fields(SAPAConfig, self)
 
     @nn.compact
     def __call__(self, y: ArrayIn, x: ArrayIn) -> jax.Array:
@@ -89,15 +102,8 @@ class SAPA(nn.Module):
         dim_y, dim_x = int(y.shape[-1]), int(x.shape[-1])
         specs = modules.param_specs(config, dim_y, dim_x, kernel_init=self.kernel_init,
                                     bias_init=self.bias_init)
-        if not self.is_initializing() and "params" in self.variables:
-            # Check the whole tree first: Flax's own check only compares leaf shapes pairwise.
-            modules.check_params(self.variables["params"], specs,
-                                 context=modules.describe(config, dim_y, dim_x))
-        params = {}
-        for name, group in specs.items():
-            params[name] = self.param(
-                name, lambda key, group=group: modules.init_group(key, group, config.param_dtype))
-        # Validated above (or created from the specs): the shared body checks nothing again.
+        params = _create_params(self, specs, config.param_dtype, what="SAPA",
+                               context=modules.describe(config, dim_y, dim_x))
         return modules.apply_validated(params, y, x, config)
 
 
@@ -160,8 +166,7 @@ class CARAFE(nn.Module):
 
     def config(self) -> CARAFEConfig:
         """The validated static options of this module."""
-        return CARAFEConfig(**{f.name: getattr(self, f.name)
-                               for f in dataclasses.fields(CARAFEConfig)})
+        return modules.config_from_fields(CARAFEConfig, self)
 
     @nn.compact
     def __call__(self, x):
@@ -172,13 +177,8 @@ class CARAFE(nn.Module):
         specs = carafe_modules.param_specs(config, channels, kernel_init=self.kernel_init,
                                            encoder_init=self.encoder_init,
                                            bias_init=self.bias_init)
-        if not self.is_initializing() and "params" in self.variables:
-            modules.check_params(self.variables["params"], specs, what="CARAFE",
-                                 context=carafe_modules.describe(config, channels))
-        params = {}
-        for name, group in specs.items():
-            params[name] = self.param(
-                name, lambda key, group=group: modules.init_group(key, group, config.param_dtype))
+        params = _create_params(self, specs, config.param_dtype, what="CARAFE",
+                               context=carafe_modules.describe(config, channels))
         return carafe_modules.carafe_apply(params, x, config)
 
 
@@ -238,8 +238,7 @@ class SAPADeform(nn.Module):
 
     def config(self) -> DeformConfig:
         """The validated static options of this module (its fields that DeformConfig has)."""
-        return DeformConfig(**{f.name: getattr(self, f.name)
-                               for f in dataclasses.fields(DeformConfig)})
+        return modules.config_from_fields(DeformConfig, self)
 
     @nn.compact
     def __call__(self, y, x):
@@ -257,11 +256,7 @@ class SAPADeform(nn.Module):
         dim_y, dim_x = int(y.shape[-1]), int(x.shape[-1])
         specs = deform_modules.param_specs(config, dim_y, dim_x, kernel_init=self.kernel_init,
                                            bias_init=self.bias_init)
-        if not self.is_initializing() and "params" in self.variables:
-            modules.check_params(self.variables["params"], specs,
-                                 context=deform_modules.describe(config, dim_y, dim_x))
-        params = {}
-        for name, group in specs.items():
-            params[name] = self.param(
-                name, lambda key, group=group: modules.init_group(key, group, config.param_dtype))
+        # what="SAPA": the message the SAPA-D module has always given (describe says SAPA-D).
+        params = _create_params(self, specs, config.param_dtype, what="SAPA",
+                               context=deform_modules.describe(config, dim_y, dim_x))
         return deform_modules.deform_apply(params, y, x, config)

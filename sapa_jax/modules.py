@@ -76,6 +76,35 @@ default_bias_init = zeros_init
 
 # ----------------------------------------------------------------------------- configuration
 
+def store_checked(config: Any, **checked: Any) -> None:
+    """Write validated values onto a frozen config dataclass, after checking the fields every
+    module family has (`impl`, `dtype`, `param_dtype`) here, last, in that order."""
+    checked.update(
+        impl=_checks.check_choice("impl", config.impl, _checks.IMPLS),
+        dtype=_checks.check_dtype("dtype", config.dtype, allow_none=True),
+        param_dtype=_checks.check_dtype("param_dtype", config.param_dtype, allow_none=False),
+    )
+    for name, value in checked.items():
+        object.__setattr__(config, name, value)
+
+
+def config_from_fields(config_cls: type, source: Any) -> Any:
+    """`config_cls` built from the same-named attributes of `source` (a Flax module)."""
+    return config_cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def check_config(config: Any, config_cls: type) -> None:
+    """TypeError unless `config` is a `config_cls`."""
+    if not isinstance(config, config_cls):
+        raise TypeError(f"config must be a {config_cls.__name__}, got {type(config).__name__}")
+
+
+def check_inits(**inits: Any) -> None:
+    """TypeError naming the first initialiser argument that is not callable."""
+    for name, init in inits.items():
+        _checks.check_callable(name, init)
+
+
 @dataclasses.dataclass(frozen=True)
 class SAPAConfig:
     """Static options of a SAPA module, validated on construction.
@@ -108,7 +137,8 @@ class SAPAConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
-        checked = dict(
+        store_checked(
+            self,
             variant=_checks.check_choice("variant", self.variant, _checks.VARIANTS),
             embedding_dim=_checks.check_int("embedding_dim", self.embedding_dim, minimum=1),
             kernel_size=_checks.check_int("kernel_size", self.kernel_size, minimum=1, odd=True),
@@ -120,12 +150,7 @@ class SAPAConfig:
             normalizer=_checks.check_choice("normalizer", self.normalizer, _checks.NORMALIZERS),
             border=_checks.check_choice("border", self.border, _checks.BORDERS),
             eps=_checks.check_eps(self.eps),
-            impl=_checks.check_choice("impl", self.impl, _checks.IMPLS),
-            dtype=_checks.check_dtype("dtype", self.dtype, allow_none=True),
-            param_dtype=_checks.check_dtype("param_dtype", self.param_dtype, allow_none=False),
         )
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
 
     def query_dim(self, dim_y: int, dim_x: int) -> int:
         """Width d of queries and keys."""
@@ -147,10 +172,15 @@ class ParamSpec(NamedTuple):
     init: Callable
 
 
+def check_dim_pair(dim_y: Any, dim_x: Any, names: tuple[str, str]) -> tuple[int, int]:
+    """The channel counts of y and x as positive ints (named `names` in errors)."""
+    return (_checks.check_int(names[0], dim_y, minimum=1),
+            _checks.check_int(names[1], dim_x, minimum=1))
+
+
 def check_dims(config: SAPAConfig, dim_y: int, dim_x: int, *,
                names: tuple[str, str] = ("dim_y", "dim_x")) -> tuple[int, int]:
-    dim_y = _checks.check_int(names[0], dim_y, minimum=1)
-    dim_x = _checks.check_int(names[1], dim_x, minimum=1)
+    dim_y, dim_x = check_dim_pair(dim_y, dim_x, names)
     if config.variant == "I" and dim_y != dim_x:
         raise ValueError(
             f"variant 'I' (inner product) needs the same number of channels in y and x "
@@ -167,11 +197,9 @@ def param_specs(config: SAPAConfig, dim_y: int, dim_x: int, *,
     (ones) and `bias` (zeros); Linear layers a `kernel` of shape (in, out) from `kernel_init`
     and, with `use_bias`, a `bias` of shape (out,) from `bias_init`.
     """
-    if not isinstance(config, SAPAConfig):
-        raise TypeError(f"config must be a SAPAConfig, got {type(config).__name__}")
+    check_config(config, SAPAConfig)
     dim_y, dim_x = check_dims(config, dim_y, dim_x)
-    _checks.check_callable("kernel_init", kernel_init)
-    _checks.check_callable("bias_init", bias_init)
+    check_inits(kernel_init=kernel_init, bias_init=bias_init)
     d = config.query_dim(dim_y, dim_x)
     linears = {
         "q": (dim_y + dim_x, d) if config.variant == "P" else (dim_y, d),
@@ -181,17 +209,28 @@ def param_specs(config: SAPAConfig, dim_y: int, dim_x: int, *,
         "gate": (dim_x, 1),
         "v": (dim_x, config.value_dim(dim_x)),
     }
-    specs = {name: {"scale": ParamSpec((dims,), ones_init), "bias": ParamSpec((dims,), zeros_init)}
-             for name, dims in (("norm_y", dim_y), ("norm_x", dim_x))}
+    specs = {name: norm_spec(dims) for name, dims in (("norm_y", dim_y), ("norm_x", dim_x))}
     names = list(LINEAR_GROUPS[config.variant])
     if config.projects_value(dim_x):
         names.append("v")
     for name in names:
         fan_in, fan_out = linears[name]
-        specs[name] = {"kernel": ParamSpec((fan_in, fan_out), kernel_init)}
-        if config.use_bias:
-            specs[name]["bias"] = ParamSpec((fan_out,), bias_init)
+        specs[name] = layer_spec((fan_in, fan_out), kernel_init, bias_init, config.use_bias)
     return specs
+
+
+def norm_spec(channels: int) -> dict[str, ParamSpec]:
+    """A normalisation layer's group: `scale` (ones) and `bias` (zeros), both (channels,)."""
+    return {"scale": ParamSpec((channels,), ones_init), "bias": ParamSpec((channels,), zeros_init)}
+
+
+def layer_spec(kernel_shape: tuple[int, ...], kernel_init: Callable, bias_init: Callable,
+               use_bias: bool = True) -> dict[str, ParamSpec]:
+    """A Linear/conv layer's group: `kernel` (..., out) and, with `use_bias`, `bias` (out,)."""
+    group = {"kernel": ParamSpec(tuple(kernel_shape), kernel_init)}
+    if use_bias:
+        group["bias"] = ParamSpec((kernel_shape[-1],), bias_init)
+    return group
 
 
 def init_group(key: jax.Array, group: Mapping[str, ParamSpec],
@@ -207,8 +246,15 @@ def init_params(key: jax.Array, config: SAPAConfig, dim_y: int, dim_x: int, *,
                 bias_init: Callable = default_bias_init) -> dict[str, dict[str, jax.Array]]:
     """A freshly initialised parameter dict for `sapa_apply` (functional use, no Flax)."""
     specs = param_specs(config, dim_y, dim_x, kernel_init=kernel_init, bias_init=bias_init)
+    return init_tree(key, specs, config.param_dtype)
+
+
+def init_tree(key: jax.Array, specs: Mapping[str, Mapping[str, ParamSpec]],
+              param_dtype: Any) -> dict[str, dict[str, jax.Array]]:
+    """Initialise every group of `specs` (one key per group, split in spec order); the
+    functional `init_params` of all module families."""
     keys = jax.random.split(key, len(specs))
-    return {name: init_group(k, group, config.param_dtype)
+    return {name: init_group(k, group, param_dtype)
             for k, (name, group) in zip(keys, specs.items())}
 
 
@@ -216,7 +262,7 @@ def check_params(params: Params, specs: Mapping[str, Mapping[str, ParamSpec]], *
                  context: str = "", what: str = "SAPA") -> None:
     """Raise a ValueError listing every missing, unexpected or wrongly shaped parameter.
 
-    `what` names the module in the message (the CARAFE module reuses this check)."""
+    `what` names the module in the message (the CARAFE and SAPA-D modules reuse this check)."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict of parameter groups, got {type(params).__name__}")
     missing, unexpected, wrong = [], [], []
@@ -340,8 +386,7 @@ def validate(params: Params, y: ArrayIn, x: ArrayIn, config: SAPAConfig) -> None
     The Flax wrappers run these checks themselves (once per call) and then call
     `apply_validated`, which checks nothing.
     """
-    if not isinstance(config, SAPAConfig):
-        raise TypeError(f"config must be a SAPAConfig, got {type(config).__name__}")
+    check_config(config, SAPAConfig)
     check_inputs(y, x, config)
     dim_y, dim_x = int(y.shape[-1]), int(x.shape[-1])
     check_params(params, param_specs(config, dim_y, dim_x),

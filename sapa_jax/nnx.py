@@ -31,6 +31,44 @@ class ParamGroup(nnx.Module):
         return {leaf: getattr(self, leaf)[...] for leaf in self._leaves}
 
 
+def _create_groups(module: nnx.Module, specs: Mapping[str, Mapping[str, ParamSpec]],
+                   param_dtype: Any, rngs: nnx.Rngs) -> None:
+    """Set one `ParamGroup` attribute per group of `specs`, initialised from `rngs.params()`;
+    `_params_dict` reads them back. (`rngs` is checked after the specs, so a wrong
+    initialiser is reported before a wrong `rngs`.)"""
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
+    module._groups = tuple(specs)
+    for name, group in specs.items():
+        setattr(module, name, ParamGroup(modules.init_group(rngs.params(), group, param_dtype)))
+
+
+def _params_dict(module: nnx.Module) -> dict[str, dict[str, Any]]:
+    """The `ParamGroup`s of `module` as the nested dict the functional bodies and Linen use."""
+    return {name: getattr(module, name).arrays() for name in module._groups}
+
+
+def _check_widths(*inputs: tuple[str, Any, str, int]) -> None:
+    """ValueError unless each `(name, array, field, width)` has `width` channels (last axis)."""
+    for name, array, field, width in inputs:
+        if array.shape[-1] != width:
+            raise ValueError(f"{name} must have {field}={width} channels (last axis), "
+                             f"got shape {tuple(array.shape)}")
+
+
+def _module_for_weights(cls: type, inferred: Mapping[str, Any], options: dict[str, Any],
+                        **fixed: Any) -> Any:
+    """`cls(**fixed, **inferred, **options)` for `from_torch`: options read from the weights
+    cannot also be passed; the initial values (from `rngs`, default `Rngs(0)`) are overwritten
+    by the caller."""
+    clashes = sorted(k for k in options if k in inferred)
+    if clashes:
+        raise ValueError(f"options {clashes} are read from the state_dict and cannot be "
+                         f"passed to from_torch (got {clashes})")
+    rngs = options.pop("rngs", None) or nnx.Rngs(0)
+    return cls(**fixed, **inferred, **options, rngs=rngs)
+
+
 class SAPA(nnx.Module):
     """SAPA feature upsampling (Similarity-Aware Point Affiliation), Flax NNX.
 
@@ -64,18 +102,13 @@ class SAPA(nnx.Module):
             out_dim=out_dim, value_proj=value_proj, use_bias=use_bias, normalizer=normalizer,
             border=border, eps=eps, impl=impl, dtype=dtype, param_dtype=param_dtype)
         self.dim_y, self.dim_x = modules.check_dims(self.config, dim_y, dim_x)
-        if not isinstance(rngs, nnx.Rngs):
-            raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
-        specs = modules.param_specs(self.config, self.dim_y, self.dim_x,
-                                    kernel_init=kernel_init, bias_init=bias_init)
-        self._groups = tuple(specs)
-        for name, group in specs.items():
-            setattr(self, name, ParamGroup(
-                modules.init_group(rngs.params(), group, self.config.param_dtype)))
+        _create_groups(self, modules.param_specs(self.config, self.dim_y, self.dim_x,
+                                                 kernel_init=kernel_init, bias_init=bias_init),
+                       self.config.param_dtype, rngs)
 
     def params_dict(self) -> dict[str, dict[str, Any]]:
         """The parameters as the nested dict `modules.sapa_apply` and Linen use."""
-        return {name: getattr(self, name).arrays() for name in self._groups}
+        return _params_dict(self)
 
     def param_specs(self) -> dict[str, dict[str, ParamSpec]]:
         """`modules.param_specs` of this module (shapes; initialisers are the defaults)."""
@@ -92,10 +125,7 @@ class SAPA(nnx.Module):
           The upsampled feature `(B, s*H, s*W, C)`, `C = out_dim or dim_x`.
         """
         modules.check_inputs(y, x, self.config)
-        for name, array, dim in (("y", y, self.dim_y), ("x", x, self.dim_x)):
-            if array.shape[-1] != dim:
-                raise ValueError(f"{name} must have dim_{name}={dim} channels (last axis), "
-                                 f"got shape {tuple(array.shape)}")
+        _check_widths(("y", y, "dim_y", self.dim_y), ("x", x, "dim_x", self.dim_x))
         params = self.params_dict()
         # The state can be replaced (nnx.update): check it, once, then run the unchecked body.
         modules.check_params(params, self.param_specs(),
@@ -114,12 +144,7 @@ class SAPA(nnx.Module):
         from . import convert  # convert imports this module's siblings only; avoid a cycle
 
         inferred = convert.module_options(state_dict, variant=variant, prefix=prefix)
-        clashes = sorted(k for k in options if k in inferred)
-        if clashes:
-            raise ValueError(f"options {clashes} are read from the state_dict and cannot be "
-                             f"passed to from_torch (got {clashes})")
-        rngs = options.pop("rngs", None) or nnx.Rngs(0)  # the initial values are overwritten
-        module = cls(variant=variant, **inferred, **options, rngs=rngs)
+        module = _module_for_weights(cls, inferred, options, variant=variant)
         return convert.load_into_nnx(module, state_dict, prefix=prefix)
 
 
@@ -163,18 +188,13 @@ class CARAFE(nnx.Module):
             encoder_dilation=encoder_dilation, compressed_channels=compressed_channels,
             normalizer=normalizer, eps=eps, impl=impl, dtype=dtype, param_dtype=param_dtype)
         self.channels = carafe_modules.check_channels(self.config, channels)
-        if not isinstance(rngs, nnx.Rngs):
-            raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
-        specs = carafe_modules.param_specs(self.config, self.channels, kernel_init=kernel_init,
-                                           encoder_init=encoder_init, bias_init=bias_init)
-        self._groups = tuple(specs)
-        for name, group in specs.items():
-            setattr(self, name, ParamGroup(
-                modules.init_group(rngs.params(), group, self.config.param_dtype)))
+        _create_groups(self, carafe_modules.param_specs(
+            self.config, self.channels, kernel_init=kernel_init, encoder_init=encoder_init,
+            bias_init=bias_init), self.config.param_dtype, rngs)
 
     def params_dict(self) -> dict[str, dict[str, Any]]:
         """The parameters as the nested dict `carafe_modules.carafe_apply` and Linen use."""
-        return {name: getattr(self, name).arrays() for name in self._groups}
+        return _params_dict(self)
 
     def param_specs(self):
         """`carafe_modules.param_specs` of this module (shapes; default initialisers)."""
@@ -183,9 +203,7 @@ class CARAFE(nnx.Module):
     def __call__(self, x):
         """Upsamples `x` `(B, H, W, channels)` to `(B, s*H, s*W, channels)`."""
         carafe_modules.check_input(x, self.config)
-        if x.shape[-1] != self.channels:
-            raise ValueError(f"x must have channels={self.channels} channels (last axis), "
-                             f"got shape {tuple(x.shape)}")
+        _check_widths(("x", x, "channels", self.channels))
         return carafe_modules.carafe_apply(self.params_dict(), x, self.config)
 
     @classmethod
@@ -200,12 +218,7 @@ class CARAFE(nnx.Module):
 
         inferred = convert.carafe_module_options(state_dict, prefix=prefix)
         inferred.pop("encoder_channels")
-        clashes = sorted(k for k in options if k in inferred)
-        if clashes:
-            raise ValueError(f"options {clashes} are read from the state_dict and cannot be "
-                             f"passed to from_torch (got {clashes})")
-        rngs = options.pop("rngs", None) or nnx.Rngs(0)  # the initial values are overwritten
-        module = cls(**inferred, **options, rngs=rngs)
+        module = _module_for_weights(cls, inferred, options)
         return convert.carafe_load_into_nnx(module, state_dict, prefix=prefix)
 
 
@@ -248,18 +261,13 @@ class SAPADeform(nnx.Module):
             use_bias=use_bias, high_offset=high_offset, norm=norm, impl=impl, dtype=dtype,
             param_dtype=param_dtype)
         self.dim_y, self.dim_x = deform_modules.check_dims(self.config, dim_y, dim_x)
-        if not isinstance(rngs, nnx.Rngs):
-            raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
-        specs = deform_modules.param_specs(self.config, self.dim_y, self.dim_x,
-                                           kernel_init=kernel_init, bias_init=bias_init)
-        self._groups = tuple(specs)
-        for name, group in specs.items():
-            setattr(self, name, ParamGroup(
-                modules.init_group(rngs.params(), group, self.config.param_dtype)))
+        _create_groups(self, deform_modules.param_specs(
+            self.config, self.dim_y, self.dim_x, kernel_init=kernel_init, bias_init=bias_init),
+            self.config.param_dtype, rngs)
 
     def params_dict(self) -> dict[str, dict[str, Any]]:
         """The parameters as the nested dict `deform_modules.deform_apply` and Linen use."""
-        return {name: getattr(self, name).arrays() for name in self._groups}
+        return _params_dict(self)
 
     def param_specs(self):
         """`deform_modules.param_specs` of this module (shapes; default initialisers)."""
@@ -269,10 +277,7 @@ class SAPADeform(nnx.Module):
         """Upsamples `x` guided by `y`: y `(B, s*H, s*W, dim_y)`, x `(B, H, W, dim_x)` ->
         `(B, s*H, s*W, dim_x)`."""
         deform_modules.check_inputs(y, x, self.config)
-        for name, array, dim in (("y", y, self.dim_y), ("x", x, self.dim_x)):
-            if array.shape[-1] != dim:
-                raise ValueError(f"{name} must have dim_{name}={dim} channels (last axis), "
-                                 f"got shape {tuple(array.shape)}")
+        _check_widths(("y", y, "dim_y", self.dim_y), ("x", x, "dim_x", self.dim_x))
         return deform_modules.deform_apply(self.params_dict(), y, x, self.config)
 
     @classmethod
@@ -286,10 +291,5 @@ class SAPADeform(nnx.Module):
         from . import convert  # convert imports this module's siblings only; avoid a cycle
 
         dims = convert.deform_dims(state_dict, prefix=prefix)
-        clashes = sorted(k for k in options if k in dims)
-        if clashes:
-            raise ValueError(f"options {clashes} are read from the state_dict and cannot be "
-                             f"passed to from_torch (got {clashes})")
-        rngs = options.pop("rngs", None) or nnx.Rngs(0)  # the initial values are overwritten
-        module = cls(**dims, **options, rngs=rngs)
+        module = _module_for_weights(cls, dims, options)
         return convert.load_deform_into_nnx(module, state_dict, prefix=prefix)
