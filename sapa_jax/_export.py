@@ -1,8 +1,6 @@
 """`export_checks`: what `jax.export` needs to serialise code that calls the fused kernels."""
 from __future__ import annotations
 
-import sys
-
 import jax
 
 from . import _ffi
@@ -21,9 +19,4 @@ def export_checks() -> list[jax.export.DisabledSafetyCheck]:
     Returns one `DisabledSafetyCheck.custom_call` per target that this installation
     registers (none when no kernel is built: the jnp path needs no exemption).
     """
-    names: set[str] = set()
-    for module_name, _ in _ffi._MODULES.values():
-        module = sys.modules.get(f"sapa_jax.{module_name}")
-        if module is not None:
-            names.update(module.registrations())
-    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in sorted(names)]
+    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in _ffi.registered_targets()]

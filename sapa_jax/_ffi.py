@@ -61,6 +61,11 @@ for _platform in _MODULES:
     _register(_platform)
 
 
+def registered_targets() -> list[str]:
+    """Names of the FFI targets that the loaded kernel modules registered with XLA."""
+    return sorted({name for module in _modules.values() for name in module.registrations()})
+
+
 def source_tree_hint(package_dir: Path | None = None) -> str:
     """How to get the compiled kernels, naming the usual cause of their absence.
 
