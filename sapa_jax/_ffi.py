@@ -26,10 +26,6 @@ from ._partitioning import batch_partitioned
 
 # platform as JAX names it -> (extension module, XLA platform name for registration)
 _MODULES = {"cpu": ("_sapa_cpu", "cpu"), "gpu": ("_sapa_cuda", "CUDA")}
-_SUPPORTED_DTYPES = {"cpu": ("float32", "float64", "bfloat16", "float16"),
-                     "gpu": ("float32", "bfloat16", "float16")}
-
-
 class FfiStatus(NamedTuple):
     """Where the fused kernel of one platform stands (`sapa_jax.ffi_status()`)."""
     built: bool   # its extension module imported and its targets are registered with XLA
@@ -41,6 +37,9 @@ PLATFORMS = tuple(_MODULES)           # the platforms a fused kernel exists for
 _modules: dict[str, object] = {}      # platform -> the imported extension module
 _build_errors: dict[str, str] = {}    # platform -> why its module did not import
 _usability: dict[str, str] = {}       # platform -> "" (usable) or why not; probed once, lazily
+# platform -> the compiled module's contract(): attribute codes of the normalisers and border
+# modes and the supported dtypes (xla_ffi/sapa_contract.h), the one source of both.
+_contracts: dict[str, dict] = {}
 
 
 def _register(platform: str) -> None:
@@ -53,6 +52,7 @@ def _register(platform: str) -> None:
         return
     for name, capsule in module.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform=xla_platform)
+    _contracts[platform] = module.contract()
     _modules[platform] = module
     _build_errors.pop(platform, None)
 
@@ -162,16 +162,27 @@ def unavailable_reason(platform: str) -> str:
 
 
 def supported_dtypes(platform: str):
-    return _SUPPORTED_DTYPES.get(platform, ())
+    contract = _contracts.get(platform)
+    return tuple(contract["dtypes"]) if contract else ()
 
 
 def supports_dtype(platform: str, dtype) -> bool:
     return np.dtype(dtype).name in supported_dtypes(platform)
 
 
-# Attribute codes of sapa_common.h (sapa::Normalizer, sapa::Border).
-_NORMALIZER_CODES = {"softmax": 0, "relu": 1, "sigmoid": 2, "softplus": 3, "none": 4}
-_BORDER_CODES = {"zeros": 0, "valid": 1}
+def attribute_code(kind: str, name: str) -> int:
+    """The kernels' code of a normaliser (kind "normalizers") or border mode ("borders"), from
+    the compiled modules' contract (both modules share sapa_common.h's codes)."""
+    for contract in _contracts.values():
+        return int(contract[kind][name])
+    raise RuntimeError("no SAPA FFI module is registered")
+
+
+def attribute_name(kind: str, code: int) -> str:
+    """The inverse of `attribute_code`."""
+    for contract in _contracts.values():
+        return next(name for name, c in contract[kind].items() if int(c) == code)
+    raise RuntimeError("no SAPA FFI module is registered")
 
 
 class Options(NamedTuple):
@@ -183,10 +194,10 @@ class Options(NamedTuple):
     eps: float
 
     def attributes(self):
-        # XLA matches attribute types exactly: int64 and float32, as the handlers bind them.
+        # XLA matches attribute types exactly: int64 and float64, as the handlers bind them.
         return dict(kernel_size=np.int64(self.kernel_size), scale=np.int64(self.scale),
                     normalizer=np.int64(self.normalizer), border=np.int64(self.border),
-                    eps=np.float32(self.eps))
+                    eps=np.float64(self.eps))
 
 
 def _acc_dtype(dtype):
@@ -249,8 +260,8 @@ def _partitioned_calls(opts: Options):
 def _reference(opts: Options):
     """The jnp formulation of `opts` (forward mode and higher orders), computed in at least
     float32 and returned in the input dtype, as the kernels do."""
-    names = dict(normalizer={c: n for n, c in _NORMALIZER_CODES.items()}[opts.normalizer],
-                 border={c: n for n, c in _BORDER_CODES.items()}[opts.border])
+    names = dict(normalizer=attribute_name("normalizers", opts.normalizer),
+                 border=attribute_name("borders", opts.border))
 
     def upsample(q, k, v):
         compute = jnp.promote_types(q.dtype, jnp.float32)
@@ -280,6 +291,6 @@ def sapa_upsample(q, k, v, *, kernel_size, scale, normalizer, border, eps):
     """
     dtype = jnp.result_type(q, k, v)
     q, k, v = (jnp.asarray(a, dtype) for a in (q, k, v))
-    opts = Options(int(kernel_size), int(scale), _NORMALIZER_CODES[normalizer],
-                   _BORDER_CODES[border], float(eps))
+    opts = Options(int(kernel_size), int(scale), attribute_code("normalizers", normalizer),
+                   attribute_code("borders", border), float(eps))
     return _sapa(q, k, v, opts)

@@ -4,13 +4,12 @@
 
 Forward and backward through `impl="ffi"` on the GPU: the tiled kernels with their preferred
 tile, with a 2 x 2 tile cap (several tiles per image, tile edges) and with no channels; the
-simple kernels (SAPA_CUDA_FORCE_SIMPLE=1) with more taps than a warp has lanes; f32 and bf16.
-The kernel reads both switches at every call, so one process covers them all. Exits non-zero if
-a result is not finite. Used by scripts/gpu_check.sh.
+simple kernels with more taps than a warp has lanes; f32 and bf16. The paths are chosen through
+the CUDA module's test-only planner API (`set_planner`), so one process covers them all. Exits
+non-zero if a result is not finite. Used by scripts/gpu_check.sh.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
@@ -19,22 +18,19 @@ import numpy as np
 
 import sapa_jax
 
-# name: (env switches, B, H, W, scale, d, C, K, normalizer, border)
+# name: (planner settings, B, H, W, scale, d, C, K, normalizer, border)
 PROBES = {
     "tiled": ({}, 2, 9, 10, 2, 40, 70, 5, "softmax", "zeros"),
-    "tiled-cap2": ({"SAPA_CUDA_TILE_CAP": "2"}, 2, 5, 6, 2, 40, 70, 3, "relu", "valid"),
+    "tiled-cap2": ({"tile_cap": 2}, 2, 5, 6, 2, 40, 70, 3, "relu", "valid"),
     "tiled-no-channels": ({}, 1, 3, 4, 2, 0, 0, 3, "softplus", "zeros"),
-    "simple-49-taps": ({"SAPA_CUDA_FORCE_SIMPLE": "1"}, 1, 3, 4, 2, 40, 37, 7, "sigmoid",
-                       "valid"),
+    "simple-49-taps": ({"force_simple": True}, 1, 3, 4, 2, 40, 37, 7, "sigmoid", "valid"),
 }
-SWITCHES = ("SAPA_CUDA_FORCE_SIMPLE", "SAPA_CUDA_TILE_CAP")
 
 
 def run(name, dtype):
-    env, B, H, W, s, d, C, K, normalizer, border = PROBES[name]
-    for key in SWITCHES:
-        os.environ.pop(key, None)
-    os.environ.update(env)
+    settings, B, H, W, s, d, C, K, normalizer, border = PROBES[name]
+    import sapa_jax._sapa_cuda as cuda_module
+    cuda_module.set_planner(**settings)
     rng = np.random.default_rng(0)
     q, k, v, g = (jnp.asarray(rng.standard_normal(shape), dtype)
                   for shape in ((B, H * s, W * s, d), (B, H, W, d), (B, H, W, C),

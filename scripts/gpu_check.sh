@@ -6,7 +6,8 @@
 # build     install the package with the CUDA module required (pip -e, no build isolation: the
 #           GPU machine has jax, pybind11, scikit-build-core, cmake and nvcc but no registry)
 # tests     tests/test_gpu.py (FFI vs jnp and vs torch on the GPU, every path and dtype)
-# simple    the same with SAPA_CUDA_FORCE_SIMPLE=1 (the fallback kernels on every shape)
+# simple    the same with SAPA_CUDA_FORCE_SIMPLE=1 (test_gpu.py then sets the module's planner
+#           to the fallback kernels on every shape)
 # sanitize  compute-sanitizer racecheck, synccheck, memcheck and initcheck on scripts/cuda_probe.py
 # bench     benchmarks/bench_core.py --preset gpu in float32 and bfloat16
 #

@@ -43,3 +43,38 @@ def assert_same_nan(got, want, where, names=("out", "dq", "dk", "dv")):
         both = ~np.isnan(a)
         np.testing.assert_allclose(a[both], b[both], rtol=1e-4, atol=1e-4,
                                    err_msg=f"{where}: {name}")
+
+
+# ------------------------------------------------------------------------------- bad calls
+# Malformed forward calls and the exact message both back ends give (sapa_validate.h): the CPU
+# handler through XLA (tests/test_ffi.py), the CUDA one through the emulator
+# (tests/test_cuda_emulated.py). (q, k, v shapes, attributes (K, s, normalizer, border, eps),
+# message); q, k, v are float32, out and stats are shaped from q and v.
+Q, K3, V5 = (1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)
+GOOD = (3, 2, 0, 0, 1e-6)
+BAD_FORWARD_CALLS = {
+    "v-shape": ((Q, K3, (1, 3, 2, 5)), GOOD,
+                "sapa_forward: v must have shape (1, 2, 2, 5), got (1, 3, 2, 5)"),
+    "k-channels": ((Q, (1, 2, 2, 4), V5), GOOD,
+                   "sapa_forward: q must have shape (1, 4, 4, 4), got (1, 4, 4, 3)"),
+    "scale-vs-q": ((Q, K3, V5), (3, 3, 0, 0, 1e-6),
+                   "sapa_forward: q must have shape (1, 6, 6, 3), got (1, 4, 4, 3)"),
+    "batch": (((2, 4, 4, 3), K3, V5), GOOD,
+              "sapa_forward: k must have shape (2, 2, 2, 3), got (1, 2, 2, 3)"),
+    "rank": (((4, 4, 3), (2, 2, 3), (2, 2, 5)), GOOD,
+             "sapa_forward: q must have rank >= 4 (..., height, width, channels), "
+             "got shape (4, 4, 3)"),
+    "kernel-even": ((Q, K3, V5), (4, 2, 0, 0, 1e-6),
+                    "sapa_forward: kernel_size must be a positive odd integer, got 4"),
+    "kernel-huge": ((Q, K3, V5), (4097, 2, 0, 0, 1e-6),
+                    "sapa_forward: kernel_size must be <= 4095, got 4097"),
+    "scale-huge": ((Q, K3, V5), (3, 46341, 0, 0, 1e-6),
+                   "sapa_forward: scale must be <= 46340, got 46341"),
+    "normalizer": ((Q, K3, V5), (3, 2, 7, 0, 1e-6),
+                   "sapa_forward: normalizer code must be 0..4, got 7"),
+    "border": ((Q, K3, V5), (3, 2, 0, 2, 1e-6),
+               "sapa_forward: border code must be 0 (zeros) or 1 (valid), got 2"),
+    "eps": ((Q, K3, V5), (3, 2, 0, 0, -1.0), "sapa_forward: eps must be >= 0, got -1.000000"),
+}
+# A key of another dtype than q.
+MIXED_DTYPE_MESSAGE = "sapa_forward: k must have element type float32, got float16"

@@ -58,13 +58,12 @@ try:
 except ImportError:  # jax depends on ml_dtypes, so this is only a safety net
     BF16 = None
 
-NORMALIZERS = sapa_jax._checks.NORMALIZERS  # in the order of the kernels' codes
+NORMALIZERS = sapa_jax._checks.NORMALIZERS
 BORDERS = ("zeros", "valid")
 # Max abs error over max |reference|. f32: the kernels accumulate in f32 in a different order
 # than the float64 reference (measured <= 8.6e-6). bf16/f16: one rounding of every stored
 # value (inputs are rounded identically for both sides), 2^-9 and 2^-12 relative.
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float16): 2e-3, BF16: 1e-2}
-ENV_KNOBS = ("SAPA_CUDA_FORCE_SIMPLE", "SAPA_CUDA_TILE_CAP")
 RESULT_NAMES = ("out", "stats", "dq", "dk", "dv", "w_scratch", "dlogit_scratch")
 GUARD = 1024
 
@@ -96,18 +95,18 @@ def emu(emu_module, capfd):
 
 
 @pytest.fixture
-def env(monkeypatch):
-    """Planner knobs cleared; the test sets the ones it needs (set_knobs)."""
-    set_knobs(monkeypatch, {})
-    return monkeypatch
+def env(emu_module):
+    """The emulator with the planner settings cleared; the test sets the ones it needs
+    (set_knobs), and they are cleared again after it."""
+    set_knobs(emu_module, {})
+    yield emu_module
+    set_knobs(emu_module, {})
 
 
 def set_knobs(env, knobs):
-    """Exactly these planner knobs in the environment (the kernels read it at every call)."""
-    for name in ENV_KNOBS:
-        env.delenv(name, raising=False)
-    for name, value in knobs.items():
-        env.setenv(name, value)
+    """Exactly these planner settings (keyword arguments of the module's set_planner, the API
+    the CUDA module has for tests: force_simple, tile_cap)."""
+    env.set_planner(**knobs)
 
 
 def random_inputs(seed, lead, H, W, s, d, C, dtype):
@@ -145,7 +144,8 @@ def run_emulated(emu, q, k, v, g, K, s, normalizer, border, eps):
     q, k, v, g = (guarded(a.shape, a.dtype, a) for a in (q, k, v, g))
     out = guarded(lead + (oH, oW, C), q.dtype)
     stats = guarded(lead + (oH, oW, 2), np.float32)
-    attrs = (K, s, NORMALIZERS.index(normalizer), BORDERS.index(border), np.float32(eps))
+    codes = emu.contract()  # the attribute codes as the CUDA module defines them
+    attrs = (K, s, codes["normalizers"][normalizer], codes["borders"][border], float(eps))
     assert emu.forward(q, k, v, out, stats, *attrs) == ""
     dq, dk, dv = (guarded(a.shape, a.dtype) for a in (q, k, v))
     w_scratch = guarded(lead + (oH, oW, T), np.float32)
@@ -191,20 +191,20 @@ CASES = {
     "softplus-zeros-s4-K1": ((1,), 3, 4, 4, 3, 13, 1, "softplus", "zeros", 1e-6, np.float32, {},
                              "tiled"),
     "relu-zeros-s2-K1-simple": ((1,), 3, 4, 2, 3, 13, 1, "relu", "zeros", 1e-6, np.float32,
-                                {"SAPA_CUDA_FORCE_SIMPLE": "1"}, "simple"),
+                                {"force_simple": True}, "simple"),
     "relu-valid-K9-eps0-f16": ((1,), 2, 2, 2, 4, 6, 9, "relu", "valid", 0.0, np.float16, {},
                                "tiled"),
     "softmax-zeros-K5-bf16": ((1,), 4, 5, 2, 33, 40, 5, "softmax", "zeros", 1e-6, BF16, {},
                               "tiled"),
     # 320 output points > the 256 that 32 blocks of 8 warps cover: the grid-stride loop wraps.
     "sigmoid-zeros-forced-simple": ((1,), 10, 8, 2, 7, 13, 5, "sigmoid", "zeros", 1e-6,
-                                    np.float32, {"SAPA_CUDA_FORCE_SIMPLE": "1"}, "simple"),
+                                    np.float32, {"force_simple": True}, "simple"),
     "softplus-valid-tile-cap-2": ((1,), 5, 7, 2, 9, 20, 3, "softplus", "valid", 1e-6, np.float32,
-                                  {"SAPA_CUDA_TILE_CAP": "2"}, 2),
+                                  {"tile_cap": 2}, 2),
     "none-zeros-s2-K5": ((1,), 4, 5, 2, 6, 40, 5, "none", "zeros", 1e-6, np.float32, {},
                          "tiled"),
     "none-valid-s3-K3-simple": ((1,), 3, 4, 3, 5, 9, 3, "none", "valid", 1e-6, np.float32,
-                                {"SAPA_CUDA_FORCE_SIMPLE": "1"}, "simple"),
+                                {"force_simple": True}, "simple"),
 }
 
 
@@ -244,8 +244,7 @@ def test_matches_reference(emu, env, x64, case):
 def test_all_zero_relu_window_gives_exact_zeros(emu, env, border, simple):
     # q > 0 and k < 0: every inside logit is negative, outside ones are 0, so relu gives h = 0
     # everywhere; with eps = 0 the weights must be 0 (not NaN) and so must everything after.
-    if simple:
-        env.setenv("SAPA_CUDA_FORCE_SIMPLE", "1")
+    set_knobs(env, {"force_simple": simple})
     H, W, s, d, C, K = 4, 5, 2, 6, 7, 3
     rng = np.random.default_rng(1)
     q = (np.abs(rng.standard_normal((1, H * s, W * s, d))) + 0.1).astype(np.float32)
@@ -261,29 +260,40 @@ def test_all_zero_relu_window_gives_exact_zeros(emu, env, border, simple):
         assert np.all(a == 0), f"{name} is not exactly zero: max |{name}| = {np.nanmax(np.abs(a))}"
 
 
+@pytest.mark.parametrize("case", kernel_cases.BAD_FORWARD_CALLS.values(),
+                         ids=kernel_cases.BAD_FORWARD_CALLS.keys())
+def test_malformed_calls_return_the_shared_errors(emu, env, case):
+    # The same messages as the CPU handler's (test_ffi.py), from sapa_validate.h.
+    shapes, attrs, message = case
+    q, k, v = (np.zeros(s, np.float32) for s in shapes)
+    out = np.zeros(q.shape[:-1] + v.shape[-1:], np.float32)
+    stats = np.zeros(q.shape[:-1] + (2,), np.float32)
+    emu.take_launches()
+    assert emu.forward(q, k, v, out, stats, *attrs) == message
+    assert emu.take_launches() == [], "a malformed call launched a kernel"
+
+
 def test_malformed_calls_return_errors(emu, env):
     f32 = np.float32
     q, k, v = np.zeros((1, 4, 4, 3), f32), np.zeros((1, 2, 2, 3), f32), np.zeros((1, 2, 2, 5), f32)
     out, stats = np.zeros((1, 4, 4, 5), f32), np.zeros((1, 4, 4, 2), f32)
-    eps = np.float32(1e-6)
+    eps = 1e-6
     emu.take_launches()
     bad_forward = {
-        "kernel_size must be a positive odd": (q, k, v, out, stats, 4, 2, 0, 0, eps),
-        "q has shape": (q, k, v, out, stats, 3, 3, 0, 0, eps),  # scale disagrees with q
-        "normalizer code": (q, k, v, out, stats, 3, 2, 7, 0, eps),
-        "scale must be <= 46340": (q, k, v, out, stats, 3, 46341, 0, 0, eps),  # s * s overflows
-        "v has shape": (q, k, np.zeros((1, 2, 3, 5), f32), out, stats, 3, 2, 0, 0, eps),
-        "out has shape": (q, k, v, np.zeros((1, 4, 4, 4), f32), stats, 3, 2, 0, 0, eps),
-        "float64 is not supported": (q.astype(np.float64), k.astype(np.float64),
-                                     v.astype(np.float64), out.astype(np.float64), stats,
-                                     3, 2, 0, 0, eps),
+        kernel_cases.MIXED_DTYPE_MESSAGE: (q, k.astype(np.float16), v, out, stats, 3, 2, 0, 0,
+                                           eps),
+        "sapa_forward: out must have shape (1, 4, 4, 5), got (1, 4, 4, 4)":
+            (q, k, v, np.zeros((1, 4, 4, 4), f32), stats, 3, 2, 0, 0, eps),
+        "sapa_forward: q must have element type float32, bfloat16 or float16, got float64":
+            (q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+             out.astype(np.float64), stats, 3, 2, 0, 0, eps),
     }
     for expected, args in bad_forward.items():
-        assert expected in emu.forward(*args)
+        assert emu.forward(*args) == expected
     w = np.zeros((1, 4, 4, 9), f32)
     err = emu.backward(q, k, v, stats.astype(np.float64), out, q.copy(), k.copy(), v.copy(), w,
                        w.copy(), 3, 2, 0, 0, eps)
-    assert "stats has element type float64" in err
+    assert err == "sapa_backward: stats must have element type float32, got float64"
     assert emu.take_launches() == [], "a malformed call launched a kernel"
     assert emu.forward(q, k, v, out, stats, 3, 2, 0, 0, eps) == ""  # still usable afterwards
 
@@ -300,11 +310,11 @@ SCHEDULES = {"reversed": (1, 0), "shuffled-1": (2, 1), "shuffled-2": (2, 2)}
 # lanes.
 PROBES = {
     "tiled-cap2-2-key-chunks": ((2,), 5, 6, 2, 40, 70, 3, "softmax", "zeros",
-                                {"SAPA_CUDA_TILE_CAP": "2"}),
+                                {"tile_cap": 2}),
     "tiled-full-tile-1-key-chunk": ((1,), 9, 9, 2, 12, 20, 3, "relu", "valid", {}),
     "tiled-no-channels": ((1,), 3, 4, 2, 0, 0, 3, "softplus", "zeros", {}),
     "simple-49-taps": ((1,), 3, 4, 2, 40, 37, 7, "sigmoid", "valid",
-                       {"SAPA_CUDA_FORCE_SIMPLE": "1"}),
+                       {"force_simple": True}),
 }
 
 
@@ -436,7 +446,7 @@ def test_nonfinite_inputs_propagate_as_in_jnp(emu, env, x64, normalizer, border)
     for case in kernel_cases.nonfinite_cases():
         q, k, v, g = kernel_cases.nonfinite_inputs(case)
         want = reference(q, k, v, g, K, s, normalizer, border, 1e-6)
-        for knobs in ({}, {"SAPA_CUDA_FORCE_SIMPLE": "1"}):
+        for knobs in ({}, {"force_simple": True}):
             set_knobs(env, knobs)
             out, _, dq, dk, dv = run_emulated(emu, q, k, v, g, K, s, normalizer, border, 1e-6)[:5]
             kernel_cases.assert_same_nan(

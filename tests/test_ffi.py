@@ -5,6 +5,8 @@ cases rather than by a cross product.
 """
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,8 +106,9 @@ def test_matches_reference_half(x64, dtype, case, tol):
 @pytest.mark.parametrize("case", [F32_CASES[5], F32_CASES[6]], ids=["sigmoid-valid", "softplus"])
 def test_matches_reference_f64(x64, case):
     args, opts = _inputs(case, dtype=np.float64)
-    # eps travels as a float32 attribute: pick one that float32 represents exactly.
-    opts["eps"] = 2.0 ** -10
+    # eps travels as a float64 attribute: one that float32 would round (by 2e-11 relative)
+    # must reach the kernel exactly for a 1e-12 match.
+    opts["eps"] = 1e-3
     _assert_matches(args, opts, rtol=1e-12, atol=1e-12)
 
 
@@ -161,18 +164,22 @@ def test_check_grads_f64(x64, normalizer, border):
                 (q, k, v), order=1, modes=["rev"])
 
 
-def test_backward_is_deterministic(monkeypatch):
-    # Big enough that the kernel splits the work over threads.
+def test_backward_is_deterministic():
+    # Big enough that the kernel splits the work over XLA's thread pool (and the caller).
     q, k, v = random_qkv(4, 2, 16, 16, 2, 16, 32)
     opts = dict(kernel_size=5, scale=2, normalizer="softmax", border="zeros")
     grad = jax.jit(jax.grad(
         lambda q, k, v: jnp.sum(sapa_jax.sapa_upsample(q, k, v, impl="ffi", **opts) ** 2),
         argnums=(0, 1, 2)))
-    monkeypatch.setenv("SAPA_JAX_NUM_THREADS", "4")
-    first = [np.asarray(g) for g in grad(q, k, v)]
-    second = [np.asarray(g) for g in grad(q, k, v)]
-    monkeypatch.setenv("SAPA_JAX_NUM_THREADS", "1")
-    single = [np.asarray(g) for g in grad(q, k, v)]
+    module = importlib.import_module("sapa_jax._sapa_cpu")
+    try:
+        module.set_max_workers(0)  # the pool's threads and the caller
+        first = [np.asarray(g) for g in grad(q, k, v)]
+        second = [np.asarray(g) for g in grad(q, k, v)]
+        module.set_max_workers(1)
+        single = [np.asarray(g) for g in grad(q, k, v)]
+    finally:
+        module.set_max_workers(0)
     for a, b, c in zip(first, second, single):
         assert np.array_equal(a, b)
         assert np.array_equal(a, c)  # the thread count does not change a bit
@@ -240,33 +247,28 @@ def test_all_zero_relu_window_gives_zero():
             assert np.array_equal(a, np.zeros_like(a))
 
 
-def _opts(kernel_size=3, scale=2, normalizer=0, border=0, eps=1e-6):
+def _opts(kernel_size=3, scale=2, normalizer=0, border=0, eps=1e-6):  # codes: contract()
     return _ffi.Options(kernel_size, scale, normalizer, border, eps)
 
 
-@pytest.mark.parametrize("shapes, opts, message", [
-    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 3, 2, 5)), _opts(), "v must have shape"),
-    (((1, 4, 4, 3), (1, 2, 2, 4), (1, 2, 2, 5)), _opts(), "k must have shape"),
-    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(scale=3), "not divisible by scale"),
-    (((2, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(), "k must have shape"),
-    (((4, 4, 3), (2, 2, 3), (2, 2, 5)), _opts(), "rank >= 4"),
-    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(kernel_size=4), "kernel_size"),
-    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(normalizer=7), "normalizer"),
-    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(border=2), "border"),
-    (((1, 4, 4, 3), (1, 2, 2, 3), (1, 2, 2, 5)), _opts(eps=-1.0), "eps"),
-])
-def test_bad_input_raises_instead_of_crashing(shapes, opts, message):
+@pytest.mark.parametrize("case", kernel_cases.BAD_FORWARD_CALLS.values(),
+                         ids=kernel_cases.BAD_FORWARD_CALLS.keys())
+def test_bad_input_raises_instead_of_crashing(case):
+    # The same message as the CUDA handler's (test_cuda_emulated.py), from sapa_validate.h.
+    shapes, attrs, message = case
     q, k, v = (jnp.ones(s, jnp.float32) for s in shapes)
-    with pytest.raises(Exception, match=message):
-        jax.block_until_ready(_ffi.forward_call(q, k, v, opts))
+    with pytest.raises(Exception) as err:
+        jax.block_until_ready(_ffi.forward_call(q, k, v, _opts(*attrs)))
+    assert message in str(err.value)
 
 
 def test_bad_dtypes_raise():
     q, k, v = jnp.ones((1, 4, 4, 3)), jnp.ones((1, 2, 2, 3), jnp.float16), jnp.ones((1, 2, 2, 5))
-    with pytest.raises(Exception, match="element type"):
+    with pytest.raises(Exception, match=kernel_cases.MIXED_DTYPE_MESSAGE):
         jax.block_until_ready(_ffi.forward_call(q, k, v, _opts()))
     qi = jnp.ones((1, 4, 4, 3), jnp.int32)
-    with pytest.raises(Exception, match="element type"):
+    with pytest.raises(Exception, match="q must have element type float32, float64, bfloat16 "
+                                        "or float16, got type code"):
         jax.block_until_ready(_ffi.forward_call(qi, qi[:, :2, :2], qi[:, :2, :2], _opts()))
 
 

@@ -5,13 +5,17 @@ torch with CUDA is importable, the independent PyTorch oracle of tests/torch_ref
 comparison covers the output and the gradients w.r.t. q, k and v (`jax.vjp` with a random
 cotangent). Errors are max|ffi - ref| / max|ref| per array.
 
-The kernel reads two debugging switches from the environment at every call:
-SAPA_CUDA_FORCE_SIMPLE=1 selects the simple (no shared memory) kernels, SAPA_CUDA_TILE_CAP=n caps
-the tile at n x n low-res centres; both are used here to cover every code path on small shapes.
+The CUDA module has a test-only planner API, `sapa_jax._sapa_cuda.set_planner(force_simple,
+tile_cap)`: force_simple selects the simple (no shared memory) kernels, tile_cap=n caps the tile
+at n x n low-res centres; both are used here to cover every code path on small shapes.
+SAPA_CUDA_FORCE_SIMPLE=1 in the environment makes this file run every test on the simple kernels
+(scripts/gpu_check.sh; read here in Python, the compiled module reads no environment).
 
 All tests are marked `gpu` and skipped (tests/conftest.py) when JAX sees no GPU.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +23,28 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import kernel_cases
 import sapa_jax
 from conftest import random_qkv
 
 pytestmark = pytest.mark.gpu
+
+
+def _planner(force_simple=False, tile_cap=1 << 20):
+    import sapa_jax._sapa_cuda as cuda_module  # only built where nvcc was found
+    cuda_module.set_planner(force_simple=force_simple, tile_cap=tile_cap)
+
+
+@pytest.fixture(autouse=True)
+def _planner_settings():
+    """Default planner (or the simple kernels throughout, see the module docstring) around
+    every test, whatever a test set."""
+    default = dict(force_simple=os.environ.get("SAPA_CUDA_FORCE_SIMPLE", "") == "1")
+    if sapa_jax.ffi_available("gpu"):
+        _planner(**default)
+    yield
+    if sapa_jax.ffi_available("gpu"):
+        _planner(**default)
 
 F32, BF16, F16 = np.float32, ml_dtypes.bfloat16, np.float16
 # Normalised max error allowed per dtype: f32 is tight (both sides accumulate in f32); the 16-bit
@@ -135,7 +157,7 @@ def test_large_logits(normalizer):
 def test_all_zero_relu_windows_give_zeros(monkeypatch, border, force_simple):
     # q > 0 and k < 0: every inside logit is negative, every outside one 0, so relu gives h = 0
     # for the whole window; with eps = 0 the weights, output and gradients must be 0, not NaN.
-    monkeypatch.setenv("SAPA_CUDA_FORCE_SIMPLE", force_simple)
+    _planner(force_simple=force_simple == "1")
     rng = np.random.default_rng(3)
     q = np.abs(rng.standard_normal((2, 8, 10, 6))).astype(F32) + 0.1
     k = -np.abs(rng.standard_normal((2, 4, 5, 6))).astype(F32) - 0.1
@@ -154,7 +176,7 @@ def test_all_zero_relu_windows_give_zeros(monkeypatch, border, force_simple):
                          ids=["softmax-valid", "sigmoid-s3", "small-map", "bf16", "s4-bf16"])
 def test_simple_kernels_match(monkeypatch, case):
     """The fallback kernels (chosen automatically for huge K or s) on ordinary shapes."""
-    monkeypatch.setenv("SAPA_CUDA_FORCE_SIMPLE", "1")
+    _planner(force_simple=True)
     _compare(*case)
 
 
@@ -162,7 +184,7 @@ def test_simple_kernels_match(monkeypatch, case):
 @pytest.mark.parametrize("cap", ["1", "3"])
 def test_small_tiles_match(monkeypatch, cap):
     """Many partial tiles and halos clipped on every side."""
-    monkeypatch.setenv("SAPA_CUDA_TILE_CAP", cap)
+    _planner(tile_cap=int(cap))
     _compare(2, 13, 11, 2, 20, 70, 5, "softmax", "zeros")
     _compare(1, 10, 9, 3, 9, 33, 7, "sigmoid", "valid")
 
@@ -246,7 +268,7 @@ def test_bad_calls_return_errors_not_crashes():
     """The handlers validate shapes and attributes and report an error to XLA instead of aborting."""
     q, k, v, _ = _inputs(1, 4, 4, 2, 8, 6, F32)
     attrs = dict(kernel_size=np.int64(3), scale=np.int64(2), normalizer=np.int64(0),
-                 border=np.int64(0), eps=np.float32(1e-6))
+                 border=np.int64(0), eps=np.float64(1e-6))
 
     def forward(stats_shape, **changes):
         results = (jax.ShapeDtypeStruct((1, 8, 8, 6), jnp.float32),
@@ -290,3 +312,33 @@ def test_parity_with_torch_on_gpu(normalizer, border, scale, kernel_size):
     want = [t.detach().cpu().numpy() for t in (out, tq.grad, tk.grad, tv.grad)]
     _assert_close(got, want, TOL[np.dtype(F32)], f"torch {normalizer}/{border} s={scale} "
                   f"K={kernel_size}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalizer", sapa_jax._checks.NORMALIZERS)
+@pytest.mark.parametrize("border", ["zeros", "valid"])
+@pytest.mark.parametrize("force_simple", [False, True], ids=["tiled", "simple"])
+def test_nonfinite_inputs_propagate_as_in_jnp(normalizer, border, force_simple):
+    # kernel_cases.py: NaN and +-Inf in q, k, v; the isnan masks must equal impl="xla"'s.
+    _planner(force_simple=force_simple)
+    opts = dict(kernel_size=kernel_cases.NONFINITE_KERNEL_SIZE,
+                scale=kernel_cases.NONFINITE_SHAPE[3], normalizer=normalizer, border=border,
+                eps=1e-6)
+    run = {impl: jax.jit(lambda q, k, v, g, impl=impl: _out_and_grads(q, k, v, g, impl, **opts))
+           for impl in ("ffi", "xla")}
+    for case in kernel_cases.nonfinite_cases():
+        args = _put(*kernel_cases.nonfinite_inputs(case))
+        got, want = ([np.asarray(a) for a in run[impl](*args)] for impl in ("ffi", "xla"))
+        kernel_cases.assert_same_nan(got, want, f"{normalizer}/{border}, {case}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", kernel_cases.BAD_FORWARD_CALLS.values(),
+                         ids=kernel_cases.BAD_FORWARD_CALLS.keys())
+def test_bad_calls_give_the_shared_messages(case):
+    from sapa_jax import _ffi
+    shapes, attrs, message = case
+    q, k, v = _put(*(np.ones(s, np.float32) for s in shapes))
+    with pytest.raises(Exception) as err:
+        jax.block_until_ready(_ffi.forward_call(q, k, v, _ffi.Options(*attrs)))
+    assert message in str(err.value)

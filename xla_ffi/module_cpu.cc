@@ -1,6 +1,7 @@
 // pybind11 module handing the CPU handlers to Python as capsules (see sapa_jax/_ffi.py).
 #include <pybind11/pybind11.h>
 
+#include "sapa_contract.h"
 #include "sapa_handlers.h"
 
 namespace py = pybind11;
@@ -17,4 +18,8 @@ PYBIND11_MODULE(_sapa_cpu, m) {
     targets["sapa_backward"] = Capsule(SapaBackwardCpu);
     return targets;
   });
+  m.def("contract", [] { return sapa::contract({"float32", "float64", "bfloat16", "float16"}); },
+        "Attribute codes and supported dtypes of the CPU handlers.");
+  m.def("set_max_workers", &sapa::set_cpu_max_workers, py::arg("workers"),
+        "Test-only: the most workers a call splits its work over (0: no cap).");
 }

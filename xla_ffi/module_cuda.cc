@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 
+#include "sapa_contract.h"
 #include "sapa_handlers.h"
 
 namespace py = pybind11;
@@ -34,4 +35,13 @@ PYBIND11_MODULE(_sapa_cuda, m) {
     probe["error"] = count_status == cudaSuccess ? "" : cudaGetErrorString(count_status);
     return probe;
   });
+  m.def("contract", [] { return sapa::contract({"float32", "bfloat16", "float16"}); },
+        "Attribute codes and supported dtypes of the CUDA handlers.");
+  m.def(
+      "set_planner",
+      [](bool force_simple, int tile_cap) {
+        sapa::set_cuda_planner(sapa::PlannerSettings{force_simple, tile_cap});
+      },
+      py::arg("force_simple") = false, py::arg("tile_cap") = 1 << 20,
+      "Test-only: take the simple kernels for every call, or cap the tiles at tile_cap^2.");
 }

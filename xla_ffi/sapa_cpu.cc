@@ -12,18 +12,19 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
 #include <memory>
 #include <string>
-#include <thread>
+#include <condition_variable>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
 #include "sapa_common.h"
 #include "sapa_handlers.h"
+#include "sapa_validate.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -363,61 +364,73 @@ class RowBand {
 template <typename A> std::vector<A> zeros(int64_t n) { return std::vector<A>(size_t(n), A(0)); }
 
 // ----------------------------------------------------------------------------------------------
-// Parallel-for over [0, items): threads take chunks of consecutive items from a shared counter
-// (a slow or descheduled thread does not hold the others up); inline for small work. Items
-// are independent, so which thread runs which item does not change a bit of the result.
+// Parallel-for over [0, items) on XLA's intra-op thread pool (ffi::ThreadPool): the caller and up
+// to the pool's size of scheduled tasks take chunks of consecutive items from a shared counter
+// (a slow or descheduled worker does not hold the others up); inline for small work. Items are
+// independent, so which worker runs which item does not change a bit of the result.
+//
+// The caller never waits for a task that has not started: a task registers as active before it
+// touches the caller's state, and one that starts after the caller has finished every item finds
+// the job closed and returns. So a busy pool (or a pool thread calling this) cannot deadlock.
 
-int64_t num_threads() {
-  if (const char* env = std::getenv("SAPA_JAX_NUM_THREADS")) {
-    char* end = nullptr;
-    const long value = std::strtol(env, &end, 10);
-    if (end != env && value > 0) return std::min<long>(value, 256);
-  }
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : static_cast<int64_t>(hw);
-}
+std::atomic<int64_t> max_workers_setting{0};  // sapa::set_cpu_max_workers (tests); 0: no cap
 
-// fn(begin, end) runs items [begin, end) and is called several times per thread; make_state()
-// builds one per-thread state (buffers) that is passed to every call of that thread.
+struct Join {  // shared by the caller and its tasks, which may outlive the call
+  std::mutex mutex;
+  std::condition_variable done;
+  int64_t active = 0;
+  bool closed = false;
+  std::exception_ptr error;
+};
+
+// fn(state, begin, end) runs items [begin, end) and is called several times per worker;
+// make_state() builds one per-worker state (buffers) that is passed to every call of it.
 template <typename MakeState, typename Fn>
-void parallel_for(int64_t items, double flops_per_item, const MakeState& make_state,
-                  const Fn& fn) {
+void parallel_for(ffi::ThreadPool& pool, int64_t items, double flops_per_item,
+                  const MakeState& make_state, const Fn& fn) {
   if (items <= 0) return;
-  constexpr double kFlopsPerThread = 2e5;  // below this a thread costs more than it saves
-  const double by_work = double(items) * flops_per_item / kFlopsPerThread;
-  int64_t threads = std::min<int64_t>(num_threads(), items);
-  if (by_work < double(threads)) threads = std::max<int64_t>(1, int64_t(by_work));
-  if (threads <= 1) {
+  constexpr double kFlopsPerWorker = 2e5;  // below this a worker costs more than it saves
+  int64_t workers = 1 + std::max<int64_t>(pool.num_threads(), 0);
+  if (const int64_t cap = max_workers_setting.load(); cap > 0) workers = std::min(workers, cap);
+  workers = std::min(workers, items);
+  const double by_work = double(items) * flops_per_item / kFlopsPerWorker;
+  if (by_work < double(workers)) workers = std::max<int64_t>(1, int64_t(by_work));
+  if (workers <= 1) {
     auto state = make_state();
     fn(state, int64_t(0), items);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, items / (threads * 4));
+  const int64_t chunk = std::max<int64_t>(1, items / (workers * 4));
   std::atomic<int64_t> next{0};
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
-  auto run = [&](int64_t t) {
+  auto join = std::make_shared<Join>();
+  auto work = [&] {
     try {
       auto state = make_state();
       for (int64_t begin; (begin = next.fetch_add(chunk)) < items;)
         fn(state, begin, std::min(begin + chunk, items));
     } catch (...) {
-      errors[static_cast<size_t>(t)] = std::current_exception();
+      std::lock_guard<std::mutex> lock(join->mutex);
+      if (!join->error) join->error = std::current_exception();
       next.store(items);  // stop handing out work
     }
   };
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads - 1));
-  for (int64_t t = 1; t < threads; ++t) {
-    try {
-      pool.emplace_back(run, t);
-    } catch (...) {  // could not start a thread: the others take its share
-      break;
-    }
+  for (int64_t t = 1; t < workers; ++t) {
+    pool.Schedule([join, &work] {
+      {
+        std::lock_guard<std::mutex> lock(join->mutex);
+        if (join->closed) return;  // the caller is done (or gone): nothing of it to touch
+        ++join->active;
+      }
+      work();
+      std::lock_guard<std::mutex> lock(join->mutex);
+      if (--join->active == 0) join->done.notify_all();
+    });
   }
-  run(0);
-  for (auto& thread : pool) thread.join();
-  for (auto& error : errors)
-    if (error) std::rethrow_exception(error);
+  work();
+  std::unique_lock<std::mutex> lock(join->mutex);
+  join->closed = true;
+  join->done.wait(lock, [&] { return join->active == 0; });
+  if (join->error) std::rethrow_exception(join->error);
 }
 
 // Rows of a low-res tensor (n, H, W, ch) transposed to channel-major and upsampled by s along
@@ -466,7 +479,7 @@ class Band {
 
 struct Options {
   int64_t normalizer, border;
-  float eps;
+  double eps;
 };
 
 template <typename T, typename A>
@@ -837,25 +850,26 @@ struct Kernel {
     return double(g.s * g.s * g.W) * double(taps()) * double(2 * (g.d + g.C) + 8);
   }
 
-  void forward(const T* q, const T* k, const T* v, T* out, A* stat) const {
+  void forward(ffi::ThreadPool& pool, const T* q, const T* k, const T* v, T* out,
+               A* stat) const {
     parallel_for(
-        g.n * g.H, item_flops(), [&] { return Work(*this, false); },
+        pool, g.n * g.H, item_flops(), [&] { return Work(*this, false); },
         [&](Work& wk, int64_t begin, int64_t end) {
           for (int64_t item = begin; item < end; ++item)
             forward_item(q, k, v, out, stat, item / g.H, item % g.H, wk);
         });
   }
 
-  void backward(const T* q, const T* k, const T* v, const A* stat, const T* gout, T* dq, T* dk,
-                T* dv, A* w, A* dl) const {
+  void backward(ffi::ThreadPool& pool, const T* q, const T* k, const T* v, const A* stat,
+                const T* gout, T* dq, T* dk, T* dv, A* w, A* dl) const {
     parallel_for(
-        g.n * g.H, 2 * item_flops(), [&] { return Work(*this, true); },
+        pool, g.n * g.H, 2 * item_flops(), [&] { return Work(*this, true); },
         [&](Work& wk, int64_t begin, int64_t end) {
           for (int64_t item = begin; item < end; ++item)
             backward_point_item(q, k, v, stat, gout, dq, w, dl, item / g.H, item % g.H, wk);
         });
     parallel_for(
-        g.n * g.H, item_flops(), [&] { return GatherWork(*this); },
+        pool, g.n * g.H, item_flops(), [&] { return GatherWork(*this); },
         [&](GatherWork& wk, int64_t begin, int64_t end) {
           for (int64_t item = begin; item < end; ++item)
             backward_gather_item(q, gout, w, dl, dk, dv, item / g.H, item % g.H, wk);
@@ -864,98 +878,30 @@ struct Kernel {
 };
 
 // ----------------------------------------------------------------------------------------------
-// Validation. Shapes are (leading..., height, width, channels); every leading dim goes to n.
+// Validation: sapa_validate.h, plus the one limit of this back end's own.
 
-constexpr int64_t kMaxKernelSize = 4095;  // keeps every index product far from overflow
 constexpr double kMaxThreadBytes = double(1 << 30);  // per-thread row buffers (see Work)
-
-std::string describe(ffi::AnyBuffer::Dimensions dims) {
-  std::string text = "(";
-  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
-  return text + (dims.size() == 1 ? ",)" : ")");
-}
-
-std::string type_name(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32: return "F32";
-    case ffi::DataType::F64: return "F64";
-    case ffi::DataType::BF16: return "BF16";
-    case ffi::DataType::F16: return "F16";
-    default: return "type code " + std::to_string(static_cast<int>(t));
-  }
-}
 
 bool supported(ffi::DataType t) {
   return t == ffi::DataType::F32 || t == ffi::DataType::F64 || t == ffi::DataType::BF16 ||
          t == ffi::DataType::F16;
 }
+constexpr const char* kSupportedNames = "float32, float64, bfloat16 or float16";
 
-ffi::DataType acc_type(ffi::DataType t) {
-  return t == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
-}
-
-// Checks buffers against q: same rank and leading dims, given trailing (h, w, c) and dtype.
-// Keeps the first error.
-class Validator {
- public:
-  explicit Validator(const ffi::AnyBuffer& q) : lead_(q.dimensions()) {}
-
-  void expect(const char* name, const ffi::AnyBuffer& x, int64_t h, int64_t w, int64_t c,
-              ffi::DataType dtype) {
-    if (!error_.empty()) return;
-    std::vector<int64_t> want(lead_.begin(), lead_.end() - 3);
-    want.insert(want.end(), {h, w, c});
-    if (!(x.dimensions() == ffi::AnyBuffer::Dimensions(want))) {
-      error_ = std::string(name) + " must have shape " + describe(want) + ", got " +
-               describe(x.dimensions());
-    } else if (x.element_type() != dtype) {
-      error_ = std::string(name) + " must have element type " + type_name(dtype) + ", got " +
-               type_name(x.element_type());
-    }
-  }
-  const std::string& error() const { return error_; }
-
- private:
-  ffi::AnyBuffer::Dimensions lead_;
-  std::string error_;
-};
-
-// Checks q, k, v and the attributes; on success fills the geometry and returns "".
 std::string check_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                          const ffi::AnyBuffer& v, int64_t kernel_size, int64_t scale,
-                         int64_t normalizer, int64_t border, float eps, Geometry* g) {
-  std::string error = sapa::check_attributes(kernel_size, scale, normalizer, border, eps);
+                         int64_t normalizer, int64_t border, double eps, Geometry* g) {
+  std::string error = sapa::check_inputs(q, k, v, kernel_size, scale, normalizer, border, eps,
+                                         supported, kSupportedNames, g);
   if (!error.empty()) return error;
-  if (kernel_size > kMaxKernelSize)
-    return "kernel_size must be <= " + std::to_string(kMaxKernelSize) +
-           " for the CPU kernel, got " + std::to_string(kernel_size);
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() < 4)
-    return "q must have rank >= 4 (..., height, width, channels), got shape " + describe(qd);
-  if (kd.size() != qd.size() || vd.size() != qd.size())
-    return "q, k and v must have the same rank, got shapes " + describe(qd) + ", " +
-           describe(kd) + ", " + describe(vd);
-  if (!supported(q.element_type()))
-    return "q must have element type F32, F64, BF16 or F16, got " + type_name(q.element_type());
-  const size_t rank = qd.size();
-  const int64_t oh = qd[rank - 3], ow = qd[rank - 2], d = qd[rank - 1], c = vd[rank - 1];
-  if (oh % scale != 0 || ow % scale != 0)
-    return "q spatial shape " + describe(qd) + " is not divisible by scale " +
-           std::to_string(scale);
-  Validator check(q);
-  check.expect("k", k, oh / scale, ow / scale, d, q.element_type());
-  check.expect("v", v, oh / scale, ow / scale, c, q.element_type());
-  if (!check.error().empty()) return check.error();
-  int64_t n = 1;
-  for (size_t i = 0; i + 3 < rank; ++i) n *= qd[i];
-  *g = Geometry{n, oh / scale, ow / scale, scale, kernel_size, kernel_size / 2, d, c};
-  // A thread holds a few (K*K, output width) rows and K band rows of k and v; refuse sizes
+  // A worker holds a few (K*K, output width) rows and K band rows of k and v; refuse sizes
   // whose buffers would be absurd rather than die allocating them.
-  const double lanes = double(ow + kLanes + 2 * g->r * scale);
-  const double bytes = 8.0 * lanes * (6.0 * double(g->taps()) + double(g->K) * double(d + c));
+  const double lanes = double(g->oW() + kLanes + 2 * g->r * g->s);
+  const double bytes =
+      8.0 * lanes * (6.0 * double(g->taps()) + double(g->K) * double(g->d + g->C));
   if (bytes > kMaxThreadBytes)
     return "kernel_size " + std::to_string(kernel_size) + " with an output width of " +
-           std::to_string(ow) + " needs " + std::to_string(int64_t(bytes / (1 << 20))) +
+           std::to_string(g->oW()) + " needs " + std::to_string(int64_t(bytes / (1 << 20))) +
            " MiB of buffers per thread in the CPU kernel (limit " +
            std::to_string(int64_t(kMaxThreadBytes) >> 20) + " MiB)";
   return std::string();
@@ -979,57 +925,44 @@ ffi::Error dispatch(ffi::DataType dtype, Fn&& fn) {
   return ffi::Error::Success();
 }
 
-ffi::Error SapaForwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error SapaForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                           ffi::AnyBuffer v,
                            ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> stats,
                            int64_t kernel_size, int64_t scale, int64_t normalizer, int64_t border,
-                           float eps) {
+                           double eps) {
   Geometry g{};
   std::string error = check_inputs(q, k, v, kernel_size, scale, normalizer, border, eps, &g);
-  if (error.empty()) {
-    Validator check(q);
-    check.expect("out", *out, g.oH(), g.oW(), g.C, q.element_type());
-    check.expect("stats", *stats, g.oH(), g.oW(), 2, acc_type(q.element_type()));
-    error = check.error();
-  }
+  if (error.empty()) error = sapa::check_forward_outputs(q, g, *out, *stats);
   if (!error.empty()) return ffi::Error::InvalidArgument("sapa_forward: " + error);
   const Options o{normalizer, border, eps};
   return dispatch(q.element_type(), [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
     Kernel<T, A>(g, o).forward(
-        static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
+        pool, static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
         static_cast<const T*>(v.untyped_data()), static_cast<T*>(out->untyped_data()),
         static_cast<A*>(stats->untyped_data()));
   });
 }
 
-ffi::Error SapaBackwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error SapaBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                            ffi::AnyBuffer v,
                             ffi::AnyBuffer stats, ffi::AnyBuffer gout,
                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                             ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> w,
                             ffi::Result<ffi::AnyBuffer> dlogit, int64_t kernel_size,
-                            int64_t scale, int64_t normalizer, int64_t border, float eps) {
+                            int64_t scale, int64_t normalizer, int64_t border, double eps) {
   Geometry g{};
   std::string error = check_inputs(q, k, v, kernel_size, scale, normalizer, border, eps, &g);
-  if (error.empty()) {
-    const ffi::DataType t = q.element_type(), a = acc_type(t);
-    Validator check(q);
-    check.expect("stats", stats, g.oH(), g.oW(), 2, a);
-    check.expect("g", gout, g.oH(), g.oW(), g.C, t);
-    check.expect("dq", *dq, g.oH(), g.oW(), g.d, t);
-    check.expect("dk", *dk, g.H, g.W, g.d, t);
-    check.expect("dv", *dv, g.H, g.W, g.C, t);
-    check.expect("w_scratch", *w, g.oH(), g.oW(), g.taps(), a);
-    check.expect("dlogit_scratch", *dlogit, g.oH(), g.oW(), g.taps(), a);
-    error = check.error();
-  }
+  if (error.empty())
+    error = sapa::check_backward_buffers(q, g, stats, gout, *dq, *dk, *dv, *w, *dlogit);
   if (!error.empty()) return ffi::Error::InvalidArgument("sapa_backward: " + error);
   const Options o{normalizer, border, eps};
   return dispatch(q.element_type(), [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
     Kernel<T, A>(g, o).backward(
-        static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
+        pool, static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
         static_cast<const T*>(v.untyped_data()), static_cast<const A*>(stats.untyped_data()),
         static_cast<const T*>(gout.untyped_data()), static_cast<T*>(dq->untyped_data()),
         static_cast<T*>(dk->untyped_data()), static_cast<T*>(dv->untyped_data()),
@@ -1039,8 +972,15 @@ ffi::Error SapaBackwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
 
 }  // namespace
 
-// The signature is shared with the CUDA handlers (sapa_handlers.h).
+namespace sapa {
+void set_cpu_max_workers(int64_t workers) {
+  max_workers_setting.store(std::max<int64_t>(workers, 0));
+}
+}  // namespace sapa
+
+// XLA's intra-op thread pool, then the signature shared with the CUDA handlers
+// (sapa_handlers.h).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SapaForwardCpu, SapaForwardImpl,
-                              sapa::bind_forward(ffi::Ffi::Bind()));
+                              sapa::bind_forward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SapaBackwardCpu, SapaBackwardImpl,
-                              sapa::bind_backward(ffi::Ffi::Bind()));
+                              sapa::bind_backward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));

@@ -23,8 +23,8 @@
 // Simple kernels (fallback) cover what the tiles cannot hold in shared memory (very large K or
 // s): one warp per output point (forward, backward pass 1) and one thread per gradient element
 // (backward pass 2), reading global memory directly. They are also an independent check of the
-// tiled kernels: SAPA_CUDA_FORCE_SIMPLE=1 in the environment selects them for every call, and
-// SAPA_CUDA_TILE_CAP=n caps the tile at n x n centres (tests use both to exercise the paths).
+// tiled kernels: sapa::set_cuda_planner (the module's set_planner, for tests) can select them for
+// every call, or cap the tile at n x n centres, to exercise every path.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,7 +33,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -48,6 +47,7 @@
 #pragma GCC diagnostic ignored "-Wreturn-type"
 #include "xla/ffi/api/ffi.h"
 #include "sapa_handlers.h"
+#include "sapa_validate.h"
 #pragma GCC diagnostic pop
 #pragma nv_diagnostic pop
 
@@ -66,7 +66,6 @@ constexpr int kChunkStride = 36;         // its shared row stride: 9 float4, an 
 constexpr int kValueChunk = 64;          // value channels per chunk in the forward assembly
 constexpr int kSub = 4;                  // sub-pixel weights read together as one float4
 constexpr int kMaxTilePoints = 512;      // output points per tile, for the preferred tiles
-constexpr int64_t kMaxKernelSize = 32767;  // K*K fits an int
 
 // Everything a kernel needs to know about the problem and the tiling; passed by value.
 struct Params {
@@ -1014,27 +1013,19 @@ ffi::Error device_limits(DeviceLimits* out) {
   return ffi::Error::Success();
 }
 
-bool env_flag(const char* name) {
-  const char* value = std::getenv(name);
-  return value != nullptr && value[0] != '\0' && value[0] != '0';
-}
-
-int env_int(const char* name, int fallback) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || value[0] == '\0') return fallback;
-  const long parsed = std::strtol(value, nullptr, 10);
-  return parsed > 0 ? static_cast<int>(std::min<long>(parsed, 1 << 20)) : fallback;
-}
+// sapa::set_cuda_planner (tests, through the pybind11 module): read once per make_plan.
+std::atomic<bool> force_simple_setting{false};
+std::atomic<int> tile_cap_setting{1 << 20};
 
 // Picks the tile for a tiled kernel: the largest candidate (at most kMaxTilePoints output points)
 // whose shared memory lets about three blocks share a multiprocessor; failing that the largest
 // that fits a block at all; failing that (huge K or s) the simple kernel.
 Plan make_plan(Kernel kernel, const Params& P, const DeviceLimits& dev) {
   Plan plan;
-  if (env_flag("SAPA_CUDA_FORCE_SIMPLE")) return plan;
+  if (force_simple_setting.load()) return plan;
   static const int kCandidates[][2] = {{8, 16}, {8, 8}, {4, 8}, {4, 4}, {2, 4},
                                        {2, 2},  {1, 2}, {1, 1}};
-  const int cap = env_int("SAPA_CUDA_TILE_CAP", 1 << 20);
+  const int cap = tile_cap_setting.load();
   const int64_t preferred = std::min<int64_t>(dev.optin, dev.per_sm / kTiledBlocksPerSm - 1024);
   for (int pass = 0; pass < 2 && !plan.tiled; ++pass) {
     for (const auto& cand : kCandidates) {
@@ -1162,60 +1153,11 @@ ffi::Error launch_backward(cudaStream_t stream, const Params& base, const Device
   return launch_error("backward_lowres_simple");
 }
 
-// ---- validation ----
-
-std::string dims_string(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "(";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + (dims.size() == 1 ? ",)" : ")");
-}
-
-const char* type_name(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32: return "float32";
-    case ffi::DataType::BF16: return "bfloat16";
-    case ffi::DataType::F16: return "float16";
-    case ffi::DataType::F64: return "float64";
-    default: return "an unsupported type";
-  }
-}
-
-// Collects the first shape/type mismatch of the buffers of one call.
-class Checker {
- public:
-  // `lead` are the leading (batch) dims every buffer must share: those of q.
-  explicit Checker(ffi::AnyBuffer::Dimensions lead) : lead_(lead) {}
-
-  void expect(const char* name, const ffi::AnyBuffer& buf, int64_t a, int64_t b, int64_t c,
-              ffi::DataType type) {
-    if (!error_.empty()) return;
-    const auto dims = buf.dimensions();
-    bool ok = dims.size() == lead_.size() + 3;
-    for (size_t i = 0; ok && i < lead_.size(); ++i) ok = dims[i] == lead_[i];
-    if (ok) {
-      const size_t base = lead_.size();
-      ok = dims[base] == a && dims[base + 1] == b && dims[base + 2] == c;
-    }
-    if (!ok) {
-      error_ = std::string(name) + " has shape " + dims_string(dims) + ", expected leading dims " +
-               dims_string(lead_) + " followed by (" + std::to_string(a) + ", " +
-               std::to_string(b) + ", " + std::to_string(c) + ")";
-    } else if (buf.element_type() != type) {
-      error_ = std::string(name) + " has element type " + type_name(buf.element_type()) +
-               ", expected " + type_name(type);
-    }
-  }
-
-  const std::string& error() const { return error_; }
-
- private:
-  ffi::AnyBuffer::Dimensions lead_;
-  std::string error_;
-};
+// ---- validation: sapa_validate.h, plus the int ranges the kernels index with ----
 
 // The problem part of the parameters (the tile is set by with_tile), from validated sizes.
 Params problem_params(int64_t n, int H, int W, int s, int K, int d, int C, int normalizer,
-                      int border, float eps, bool q_aligned) {
+                      int border, double eps, bool q_aligned) {
   Params P{};
   P.n = n;
   P.H = H;
@@ -1232,61 +1174,38 @@ Params problem_params(int64_t n, int H, int W, int s, int K, int d, int C, int n
   P.C = C;
   P.normalizer = normalizer;
   P.border = border;
-  P.eps = eps;
+  P.eps = static_cast<float>(eps);  // the kernels compute in float
   P.TH = P.TW = P.tiles_y = P.tiles_x = 1;
   P.vstride = C > kChunk ? kValueChunk : kChunk;
   P.vec_q = d % 4 == 0 && q_aligned;
   return P;
 }
 
-// Validates attributes and q, k, v; fills the problem part of `P`.
-ffi::Error make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                       int64_t kernel_size, int64_t scale, int64_t normalizer, int64_t border,
-                       float eps, Params* P) {
-  const std::string bad = sapa::check_attributes(kernel_size, scale, normalizer, border, eps);
-  if (!bad.empty()) return ffi::Error::InvalidArgument(bad);
-  if (kernel_size > kMaxKernelSize)
-    return ffi::Error::InvalidArgument("kernel_size must be <= " +
-                                       std::to_string(kMaxKernelSize) + " on GPU, got " +
-                                       std::to_string(kernel_size));
-  const ffi::DataType type = q.element_type();
-  if (type == ffi::DataType::F64)
-    return ffi::Error::InvalidArgument(
-        "float64 is not supported by the SAPA CUDA kernel (use float32, bfloat16 or float16)");
-  if (type != ffi::DataType::F32 && type != ffi::DataType::BF16 && type != ffi::DataType::F16)
-    return ffi::Error::InvalidArgument(std::string("q has element type ") + type_name(type) +
-                                       ", expected float32, bfloat16 or float16");
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() < 4)
-    return ffi::Error::InvalidArgument("q must have rank >= 4 (batch..., height, width, "
-                                       "channels), got shape " + dims_string(qd));
-  if (kd.size() != qd.size() || vd.size() != qd.size())
-    return ffi::Error::InvalidArgument("q, k and v must have the same rank, got shapes " +
-                                       dims_string(qd) + ", " + dims_string(kd) + ", " +
-                                       dims_string(vd));
+bool supported(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
+}
+constexpr const char* kSupportedNames = "float32, bfloat16 or float16";
+
+// Validates attributes and q, k, v; fills the problem part of `P` and `g`. "" on success.
+std::string make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                        const ffi::AnyBuffer& v, int64_t kernel_size, int64_t scale,
+                        int64_t normalizer, int64_t border, double eps, sapa::Geometry* g,
+                        Params* P) {
+  std::string error = sapa::check_inputs(q, k, v, kernel_size, scale, normalizer, border, eps,
+                                         supported, kSupportedNames, g);
+  if (!error.empty()) return error;
   constexpr int64_t kIntMax = 0x7fffffff;
-  constexpr int64_t kMaxScale = 46340;  // scale * scale fits an int
-  if (scale > kMaxScale)
-    return ffi::Error::InvalidArgument("scale must be <= " + std::to_string(kMaxScale) +
-                                       " on GPU, got " + std::to_string(scale));
-  const size_t lead = qd.size() - 3;
-  const int64_t H = kd[lead], W = kd[lead + 1], d = kd[lead + 2], C = vd[lead + 2];
-  Checker check(qd.first(lead));
-  check.expect("q", q, H * scale, W * scale, d, type);
-  check.expect("k", k, H, W, d, type);
-  check.expect("v", v, H, W, C, type);
-  if (!check.error().empty()) return ffi::Error::InvalidArgument(check.error());
-  if (H * scale > kIntMax / 2 || W * scale > kIntMax / 2 || d > kIntMax / 2 || C > kIntMax / 2)
-    return ffi::Error::InvalidArgument("SAPA CUDA kernel: dimensions too large, q " +
-                                       dims_string(qd) + ", v " + dims_string(vd));
-  int64_t n = 1;
-  for (size_t i = 0; i < lead; ++i) n *= qd[i];
-  const size_t elem = type == ffi::DataType::F32 ? 4 : 2;
+  if (g->oH() > kIntMax / 2 || g->oW() > kIntMax / 2 || g->d > kIntMax / 2 ||
+      g->C > kIntMax / 2)
+    return "dimensions too large for the CUDA kernels: q " + sapa::describe(q.dimensions()) +
+           ", v " + sapa::describe(v.dimensions());
+  const size_t elem = q.element_type() == ffi::DataType::F32 ? 4 : 2;
   const bool q_aligned = reinterpret_cast<uintptr_t>(q.untyped_data()) % (4 * elem) == 0;
-  *P = problem_params(n, static_cast<int>(H), static_cast<int>(W), static_cast<int>(scale),
-                      static_cast<int>(kernel_size), static_cast<int>(d), static_cast<int>(C),
-                      static_cast<int>(normalizer), static_cast<int>(border), eps, q_aligned);
-  return ffi::Error::Success();
+  *P = problem_params(g->n, static_cast<int>(g->H), static_cast<int>(g->W),
+                      static_cast<int>(g->s), static_cast<int>(g->K), static_cast<int>(g->d),
+                      static_cast<int>(g->C), static_cast<int>(normalizer),
+                      static_cast<int>(border), eps, q_aligned);
+  return std::string();
 }
 
 int64_t output_points(const Params& P) { return P.n * P.oH * int64_t{P.oW}; }
@@ -1294,15 +1213,13 @@ int64_t output_points(const Params& P) { return P.n * P.oH * int64_t{P.oW}; }
 ffi::Error SapaForwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
                                ffi::Result<ffi::AnyBuffer> stats, int64_t kernel_size,
-                               int64_t scale, int64_t normalizer, int64_t border, float eps) {
+                               int64_t scale, int64_t normalizer, int64_t border, double eps) {
   Params P;
-  if (auto err = make_params(q, k, v, kernel_size, scale, normalizer, border, eps, &P);
-      err.failure())
-    return err;
-  Checker check(q.dimensions().first(q.dimensions().size() - 3));
-  check.expect("out", *out, P.oH, P.oW, P.C, q.element_type());
-  check.expect("stats", *stats, P.oH, P.oW, 2, ffi::DataType::F32);
-  if (!check.error().empty()) return ffi::Error::InvalidArgument(check.error());
+  sapa::Geometry geometry{};
+  std::string error =
+      make_params(q, k, v, kernel_size, scale, normalizer, border, eps, &geometry, &P);
+  if (error.empty()) error = sapa::check_forward_outputs(q, geometry, *out, *stats);
+  if (!error.empty()) return ffi::Error::InvalidArgument("sapa_forward: " + error);
   if (output_points(P) == 0) return ffi::Error::Success();
   DeviceLimits dev;
   if (auto err = device_limits(&dev); err.failure()) return err;
@@ -1326,21 +1243,16 @@ ffi::Error SapaBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyB
                                 ffi::Result<ffi::AnyBuffer> dv,
                                 ffi::Result<ffi::AnyBuffer> w_scratch,
                                 ffi::Result<ffi::AnyBuffer> dlogit_scratch, int64_t kernel_size,
-                                int64_t scale, int64_t normalizer, int64_t border, float eps) {
+                                int64_t scale, int64_t normalizer, int64_t border, double eps) {
   Params P;
-  if (auto err = make_params(q, k, v, kernel_size, scale, normalizer, border, eps, &P);
-      err.failure())
-    return err;
+  sapa::Geometry geometry{};
+  std::string error =
+      make_params(q, k, v, kernel_size, scale, normalizer, border, eps, &geometry, &P);
+  if (error.empty())
+    error = sapa::check_backward_buffers(q, geometry, stats, g, *dq, *dk, *dv, *w_scratch,
+                                         *dlogit_scratch);
+  if (!error.empty()) return ffi::Error::InvalidArgument("sapa_backward: " + error);
   const ffi::DataType type = q.element_type();
-  Checker check(q.dimensions().first(q.dimensions().size() - 3));
-  check.expect("stats", stats, P.oH, P.oW, 2, ffi::DataType::F32);
-  check.expect("g", g, P.oH, P.oW, P.C, type);
-  check.expect("dq", *dq, P.oH, P.oW, P.d, type);
-  check.expect("dk", *dk, P.H, P.W, P.d, type);
-  check.expect("dv", *dv, P.H, P.W, P.C, type);
-  check.expect("w_scratch", *w_scratch, P.oH, P.oW, P.T, ffi::DataType::F32);
-  check.expect("dlogit_scratch", *dlogit_scratch, P.oH, P.oW, P.T, ffi::DataType::F32);
-  if (!check.error().empty()) return ffi::Error::InvalidArgument(check.error());
   if (output_points(P) == 0) return ffi::Error::Success();
   DeviceLimits dev;
   if (auto err = device_limits(&dev); err.failure()) return err;
@@ -1364,6 +1276,13 @@ ffi::Error SapaBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyB
 }
 
 }  // namespace
+
+namespace sapa {
+void set_cuda_planner(const PlannerSettings& settings) {
+  force_simple_setting.store(settings.force_simple);
+  tile_cap_setting.store(std::max(settings.tile_cap, 1));
+}
+}  // namespace sapa
 
 // XLA's stream, then the signature shared with the CPU handlers (sapa_handlers.h).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

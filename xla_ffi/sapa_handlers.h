@@ -4,7 +4,9 @@
 //   sapa_backward(q, k, v, stats, g) -> (dq, dk, dv, w_scratch, dlogit_scratch)
 //
 // with typed attributes kernel_size: int64, scale: int64, normalizer: int64 (sapa::Normalizer),
-// border: int64 (sapa::Border), eps: float32. q, k, v, out, g, dq, dk, dv share one element type
+// border: int64 (sapa::Border), eps: float64 (so that float64 callers get their eps unrounded).
+// The CPU handlers also take XLA's intra-op thread pool from the FFI context, the CUDA ones
+// XLA's stream. q, k, v, out, g, dq, dk, dv share one element type
 // (F32, BF16, F16; F64 on CPU); stats and the two scratch buffers are in the accumulation type
 // (F64 for F64 inputs, else F32). Scratch buffers are (n, sH, sW, K*K): the per-point weights and
 // logit gradients written by the first backward pass and gathered by the second. Any number of
@@ -12,6 +14,7 @@
 #ifndef SAPA_JAX_XLA_FFI_SAPA_HANDLERS_H_
 #define SAPA_JAX_XLA_FFI_SAPA_HANDLERS_H_
 
+#include <cstdint>
 #include <utility>
 
 #include "xla/ffi/api/api.h"
@@ -28,7 +31,7 @@ template <typename Binding> auto bind_attributes(Binding binding) {
       .template Attr<int64_t>("scale")
       .template Attr<int64_t>("normalizer")
       .template Attr<int64_t>("border")
-      .template Attr<float>("eps");
+      .template Attr<double>("eps");
 }
 
 template <typename Binding> auto bind_forward(Binding binding) {
@@ -53,6 +56,17 @@ template <typename Binding> auto bind_backward(Binding binding) {
                              .template Ret<AnyBuffer>()     // w_scratch
                              .template Ret<AnyBuffer>());   // dlogit_scratch
 }
+
+// Test-only settings of the compiled modules, set from Python through their pybind11 functions
+// (nothing in xla_ffi/ reads the environment). CPU: the most workers one call splits its work
+// over (0: the thread pool's size plus the calling thread).
+void set_cpu_max_workers(int64_t workers);
+// CUDA tile planner: every call takes the simple kernels; tiles capped at cap x cap centres.
+struct PlannerSettings {
+  bool force_simple = false;
+  int tile_cap = 1 << 20;
+};
+void set_cuda_planner(const PlannerSettings& settings);
 
 }  // namespace sapa
 

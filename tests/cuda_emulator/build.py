@@ -53,9 +53,14 @@ def build(out_dir: pathlib.Path):
     # UBSan reports (on stderr, the run goes on) what x86 would let pass but a GPU would not:
     # misaligned vector loads and stores, and out-of-range indices into fixed-size arrays; plus
     # int overflow in the index arithmetic. The tests fail on any such report.
-    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-w",
-           f"-fsanitize={UBSAN_CHECKS}", f"-I{out_dir}",
-           *(f"-I{d}" for d in includes), str(HERE / "emu_module.cc"), "-o", str(target)]
+    # Warnings are errors, as in the CUDA build (SAPA_STRICT); the CUDA-only pragmas (#pragma
+    # unroll, nv_diag_*) are unknown to g++, and the FFI, pybind11 and Python headers are
+    # system headers (not ours to fix).
+    local, system = includes[:2], includes[2:]
+    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
+           "-Wno-unknown-pragmas", f"-fsanitize={UBSAN_CHECKS}", f"-I{out_dir}",
+           *(f"-I{d}" for d in local), *(f"-isystem{d}" for d in system),
+           str(HERE / "emu_module.cc"), "-o", str(target)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         errors = [l for l in proc.stderr.splitlines() if "error" in l][:20]

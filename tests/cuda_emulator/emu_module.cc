@@ -9,6 +9,8 @@
 
 #include <tuple>
 
+#include "sapa_contract.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -44,7 +46,7 @@ std::string message(const ffi::Error& e) {
 
 std::string forward(py::array q, py::array k, py::array v, py::array out, py::array stats,
                     int64_t kernel_size, int64_t scale, int64_t normalizer, int64_t border,
-                    float eps) {
+                    double eps) {
   Buf bq(q), bk(k), bv(v), bo(out), bs(stats);
   return message(SapaForwardCudaImpl(nullptr, bq.any(), bk.any(), bv.any(), bo.any(), bs.any(),
                                      kernel_size, scale, normalizer, border, eps));
@@ -53,7 +55,7 @@ std::string forward(py::array q, py::array k, py::array v, py::array out, py::ar
 std::string backward(py::array q, py::array k, py::array v, py::array stats, py::array g,
                      py::array dq, py::array dk, py::array dv, py::array w_scratch,
                      py::array dlogit_scratch, int64_t kernel_size, int64_t scale,
-                     int64_t normalizer, int64_t border, float eps) {
+                     int64_t normalizer, int64_t border, double eps) {
   Buf bq(q), bk(k), bv(v), bs(stats), bg(g), bdq(dq), bdk(dk), bdv(dv), bw(w_scratch),
       bd(dlogit_scratch);
   return message(SapaBackwardCudaImpl(nullptr, bq.any(), bk.any(), bv.any(), bs.any(), bg.any(),
@@ -92,4 +94,12 @@ PYBIND11_MODULE(sapa_cuda_emu, m) {
   m.def("set_schedule", &emu::set_schedule, py::arg("mode"), py::arg("seed") = 0);
   // Barrier the kernels skip (numbers from transform.py), -1 for none.
   m.def("drop_barrier", [](int index) { emu::dropped_barrier = index; });
+  m.def("contract", [] { return sapa::contract({"float32", "bfloat16", "float16"}); });
+  // The planner settings of the CUDA module's set_planner (sapa_handlers.h).
+  m.def(
+      "set_planner",
+      [](bool force_simple, int tile_cap) {
+        sapa::set_cuda_planner(sapa::PlannerSettings{force_simple, tile_cap});
+      },
+      py::arg("force_simple") = false, py::arg("tile_cap") = 1 << 20);
 }

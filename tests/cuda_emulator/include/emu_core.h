@@ -156,6 +156,18 @@ struct Cfg {
   Cfg(unsigned g, int b, size_t s = 0) : grid(g), block(b), shared_bytes(s) {}
 };
 
+// Fresh fiber t for the next block. A function of its own: getcontext may return twice, and
+// locals of the frame calling it (the launch loop's) would be "clobbered" (-Wclobbered).
+__attribute__((noinline)) inline void init_fiber(int t) {
+  stacks[t].resize(kStackBytes);
+  getcontext(&fibers[t].ctx);
+  fibers[t].ctx.uc_stack.ss_sp = stacks[t].data();
+  fibers[t].ctx.uc_stack.ss_size = kStackBytes;
+  fibers[t].ctx.uc_link = &scheduler;
+  fibers[t].state = State::kRunning;
+  makecontext(&fibers[t].ctx, fiber_entry, 0);
+}
+
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
   launches.push_back({cfg.grid, cfg.block, cfg.shared_bytes});
@@ -182,15 +194,7 @@ void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
     cur_block = dim3{unsigned(b), 0, 0};
     float* f = reinterpret_cast<float*>(shared.data());
     std::fill(f, f + shared.size() * 4, std::nanf(""));
-    for (int t = 0; t < cfg.block; ++t) {
-      stacks[t].resize(kStackBytes);
-      getcontext(&fibers[t].ctx);
-      fibers[t].ctx.uc_stack.ss_sp = stacks[t].data();
-      fibers[t].ctx.uc_stack.ss_size = kStackBytes;
-      fibers[t].ctx.uc_link = &scheduler;
-      fibers[t].state = State::kRunning;
-      makecontext(&fibers[t].ctx, fiber_entry, 0);
-    }
+    for (int t = 0; t < cfg.block; ++t) init_fiber(t);
     std::string err = run_block(cfg.block);
     if (err.empty() && !guard_intact(floats)) err = "write past the end of dynamic shared memory";
     if (!err.empty()) {

@@ -1,0 +1,115 @@
+"""The fused CPU kernel against the machine: GFLOP/s as a fraction of XLA's own f32 matmul.
+
+Measured side by side in one process (so a busy or shared machine affects both alike):
+  matmul     XLA f32 (M x M) @ (M x M), 2 M^3 flops: the machine's practical dense peak
+  forward    impl="ffi" at the preset, nominal flops 2 K^2 P (d + C), P = output points
+  fwd+bwd    jit(vjp), nominal 3x the forward's flops
+for f32 and bf16 inputs, and the interleaved ffi-vs-xla ratio: forward+backward calls of both
+impls alternate, as when a model mixes them, and the ratio of their median times is reported.
+
+    python benchmarks/bench_cpu_roofline.py                 # CPU preset (issue 10's targets)
+    python benchmarks/bench_cpu_roofline.py --repeats 50 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sapa_jax
+
+PRESET = (2, 32, 32, 2, 32, 64, 5)  # batch, H, W, s, d, C, K (the issue's CPU preset)
+
+
+def median_seconds(fn, args, repeats):
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(size, repeats):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    return 2.0 * size ** 3 / median_seconds(f, (a, a), repeats) / 1e9
+
+
+def core_programs(impl, kernel_size, scale):
+    def forward(q, k, v):
+        return sapa_jax.sapa_upsample(q, k, v, kernel_size=kernel_size, scale=scale, impl=impl)
+
+    def forward_backward(q, k, v, g):
+        out, vjp = jax.vjp(forward, q, k, v)
+        return out, vjp(g)
+
+    return jax.jit(forward), jax.jit(forward_backward)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--matmul-size", type=int, default=1024)
+    parser.add_argument("--json", type=str, default=None)
+    args = parser.parse_args(argv)
+
+    batch, height, width, scale, dim, channels, kernel_size = PRESET
+    points = batch * height * scale * width * scale
+    forward_flops = 2.0 * kernel_size ** 2 * points * (dim + channels)
+    rng = np.random.default_rng(0)
+    shapes = [(batch, height * scale, width * scale, dim), (batch, height, width, dim),
+              (batch, height, width, channels), (batch, height * scale, width * scale, channels)]
+    base = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    base[0] *= dim ** -0.25
+    base[1] *= dim ** -0.25
+
+    print(f"devices: {jax.devices()}  preset B={batch} {height}x{width}->{height * scale}x"
+          f"{width * scale} d={dim} C={channels} K={kernel_size}")
+    matmul = matmul_gflops(args.matmul_size, args.repeats)
+    print(f"XLA f32 matmul {args.matmul_size}^3: {matmul:.1f} GFLOP/s")
+    rows = {"matmul_gflops": matmul, "preset": PRESET}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q, k, v, g = (jnp.asarray(a, dtype) for a in base)
+        fwd, fwd_bwd = core_programs("ffi", kernel_size, scale)
+        t_fwd = median_seconds(fwd, (q, k, v), args.repeats)
+        t_both = median_seconds(fwd_bwd, (q, k, v, g), args.repeats)
+        gf_fwd, gf_both = forward_flops / t_fwd / 1e9, 3 * forward_flops / t_both / 1e9
+        name = jnp.dtype(dtype).name
+        print(f"ffi {name:8s} forward {t_fwd * 1e3:7.2f} ms {gf_fwd:6.1f} GFLOP/s "
+              f"({100 * gf_fwd / matmul:4.1f}% of matmul)   fwd+bwd {t_both * 1e3:7.2f} ms "
+              f"{gf_both:6.1f} GFLOP/s ({100 * gf_both / matmul:4.1f}% of matmul)")
+        rows[name] = dict(forward_ms=t_fwd * 1e3, forward_gflops=gf_fwd,
+                          forward_fraction=gf_fwd / matmul, fwd_bwd_ms=t_both * 1e3,
+                          fwd_bwd_gflops=gf_both, fwd_bwd_fraction=gf_both / matmul)
+
+    # Interleaved: ffi and xla forward+backward alternate call by call.
+    q, k, v, g = (jnp.asarray(a) for a in base)
+    programs = {impl: core_programs(impl, kernel_size, scale)[1] for impl in ("ffi", "xla")}
+    times = {"ffi": [], "xla": []}
+    for fn in programs.values():
+        jax.block_until_ready(fn(q, k, v, g))
+    for _ in range(args.repeats):
+        for impl, fn in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(q, k, v, g))
+            times[impl].append(time.perf_counter() - start)
+    ratio = statistics.median(times["xla"]) / statistics.median(times["ffi"])
+    print(f"interleaved fwd+bwd f32: ffi {statistics.median(times['ffi']) * 1e3:.2f} ms, "
+          f"xla {statistics.median(times['xla']) * 1e3:.2f} ms: ffi is {ratio:.2f}x faster")
+    rows["interleaved_xla_over_ffi"] = ratio
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
