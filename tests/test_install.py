@@ -33,6 +33,9 @@ def fake_cuda(monkeypatch):
     """Pretend the CUDA module is built, with the probe result and JAX GPU count given."""
     def install(probe, jax_gpus=1):
         monkeypatch.setitem(_ffi._modules, "gpu", object())
+        # The CUDA module's contract: the CPU one's codes, the CUDA dtypes (no float64).
+        contract = dict(_ffi._contracts["cpu"], dtypes=("float32", "bfloat16", "float16"))
+        monkeypatch.setitem(_ffi._contracts, "gpu", contract)
         monkeypatch.delitem(_ffi._build_errors, "gpu", raising=False)
         monkeypatch.setattr(_ffi, "_usability", {})
         monkeypatch.setattr(_ffi, "_probe_cuda", lambda: dict(probe))
