@@ -133,6 +133,10 @@ class Upsampler(nn.Module):
     def __call__(self, x: jax.Array, guide: jax.Array | None = None) -> jax.Array:
         """x `(B, H, W, C)`, guide `(B, sH, sW, Cy)` or None -> `(B, sH, sW, C)`."""
         method = parse_upsampler(self.method)
+        # Inputs kept for the figures (feature and kernel maps); free unless asked for.
+        self.sow("intermediates", "x", x)
+        if guide is not None:
+            self.sow("intermediates", "y", guide)
         if method == "nearest":
             return nearest_up(x, self.scale)
         if method == "bilinear":
@@ -152,9 +156,6 @@ class Upsampler(nn.Module):
                                      compressed_channels=min(64, channels), name="carafe")(x)
         if guide is None:
             raise ValueError(f"upsampler {method!r} needs the guidance feature `guide`, got None")
-        # Inputs kept for the kernel-map figures; free unless asked for.
-        self.sow("intermediates", "y", guide)
-        self.sow("intermediates", "x", x)
         if method == "sapa-d":
             return sapa_linen.SAPADeform(embedding_dim=self.embedding_dim, scale=self.scale,
                                          name="sapa_d")(guide, x)
