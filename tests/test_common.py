@@ -92,6 +92,10 @@ def test_summary_rows_and_files(tmp_path):
     assert float(table["sapa-b"]["miou_diff_vs_bilinear_ci95_low"]) == pytest.approx(expected_ci[0])
     text = report.format_table(rows, {"miou": "mIoU"})
     assert "n/a" in text and "+50" in text
+    md = report.markdown_table(rows, {"miou": "mIoU"}).splitlines()
+    assert len(md) == 2 + 3 and md[0].startswith("| upsampler | seeds | mIoU (%)")
+    # sapa-b: +2, +1, +3 points: with 3 seeds the t interval [-0.48, +4.48] still holds 0.
+    assert "+2.00 [-0.48, +4.48] tie" in md[-1] and "+50" in md[-1]
 
 
 # ----------------------------------------------------------------------------- cost columns
