@@ -122,12 +122,14 @@ class Upsampler(nn.Module):
       embedding_dim: query/key width of SAPA B/P/G and SAPA-D.
       normalizer: SAPA's kernel normaliser ("softmax", "relu", "sigmoid", "softplus", "none"
         where the installed core has it).
+      border: SAPA's border mode, "zeros" (parity with the official kernels) or "valid".
     """
     method: str
     scale: int = 2
     kernel_size: int = 5
     embedding_dim: int = 32
     normalizer: str = "softmax"
+    border: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array, guide: jax.Array | None = None) -> jax.Array:
@@ -161,7 +163,8 @@ class Upsampler(nn.Module):
                                          name="sapa_d")(guide, x)
         return sapa_linen.SAPA(variant=method[-1].upper(), embedding_dim=self.embedding_dim,
                                kernel_size=self.kernel_size, scale=self.scale,
-                               normalizer=self.normalizer, name="sapa")(guide, x)
+                               normalizer=self.normalizer, border=self.border,
+                               name="sapa")(guide, x)
 
 
 def make_upsampler(name: str, **options) -> Upsampler:

@@ -119,11 +119,12 @@ def stage_maps(net, params, image):
         y = stage["y"][0]
         config = SAPA(variant=net.upsampler[-1].upper(), embedding_dim=net.embedding_dim,
                       kernel_size=net.kernel_size, scale=SCALE,
-                      normalizer=net.normalizer).config()
+                      normalizer=net.normalizer, border=net.border).config()
         q, k, v = sapa_modules.project(params[net.figure_stage]["sapa"], y, stage["x"][0],
                                        config)
         w = sapa_jax.normalize(sapa_jax.similarity(q, k, kernel_size=config.kernel_size,
-                                                   scale=SCALE), normalizer=config.normalizer)
+                                                   scale=SCALE), normalizer=config.normalizer,
+                               border=config.border, low_res_shape=k.shape[1:3], scale=SCALE)
         out = sapa_jax.assemble(w, v, kernel_size=config.kernel_size, scale=SCALE)
         got.update(w=w[0], y=y[0], check=jnp.max(jnp.abs(out[0] - got["out"])))
     return got

@@ -87,6 +87,7 @@ class Segmenter(nn.Module):
     kernel_size: int = 5
     embedding_dim: int = 32
     normalizer: str = "softmax"
+    border: str = "zeros"
 
     @property
     def figure_stage(self) -> str:
@@ -95,7 +96,7 @@ class Segmenter(nn.Module):
 
     def _up(self, name):
         return Upsampler(self.upsampler, 2, self.kernel_size, self.embedding_dim,
-                         self.normalizer, name=name)
+                         self.normalizer, self.border, name=name)
 
     def _encode(self, images):
         multiple = size_multiple(self.decoder)

@@ -71,6 +71,7 @@ class Config:
     kernel_size: int = 5
     embedding_dim: int = 32
     normalizer: str = "softmax"
+    border: str = "zeros"
     ablation: bool = False
     out: Path = Path("outputs/segmentation")
     resume: bool = False
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalizer", default=d.normalizer,
                    help="SAPA's kernel normaliser: softmax, relu, sigmoid, softplus (none where "
                         "the installed core has it)")
+    p.add_argument("--border", choices=("zeros", "valid"), default=d.border,
+                   help="SAPA's border mode: zeros (out-of-map taps take part with logit 0 and "
+                        "value 0, as the official kernels) or valid (they are left out)")
     return p
 
 
@@ -205,7 +209,7 @@ class Trainer:
 def make_net(cfg: Config, exp: Experiment) -> model.Segmenter:
     return model.Segmenter(cfg.decoder, exp.upsampler, data.NUM_CLASSES,
                            kernel_size=exp.kernel_size, embedding_dim=exp.embedding_dim,
-                           normalizer=exp.normalizer)
+                           normalizer=exp.normalizer, border=cfg.border)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
