@@ -10,7 +10,7 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
-NORMALIZERS = ("softmax", "relu", "sigmoid", "softplus")
+NORMALIZERS = ("softmax", "relu", "sigmoid", "softplus", "none")
 BORDERS = ("zeros", "valid")
 IMPLS = ("auto", "xla", "ffi")
 VARIANTS = ("I", "B", "P", "G")

@@ -62,7 +62,7 @@ def supports_dtype(platform: str, dtype) -> bool:
 
 
 # Attribute codes of sapa_common.h (sapa::Normalizer, sapa::Border).
-_NORMALIZER_CODES = {"softmax": 0, "relu": 1, "sigmoid": 2, "softplus": 3}
+_NORMALIZER_CODES = {"softmax": 0, "relu": 1, "sigmoid": 2, "softplus": 3, "none": 4}
 _BORDER_CODES = {"zeros": 0, "valid": 1}
 
 

@@ -64,10 +64,11 @@ def sapa_upsample(q, k, v, *, kernel_size: int = 5, scale: int = 2, normalizer: 
       v: low-res values `(B, H, W, C)`.
       kernel_size: odd window size K >= 1.
       scale: integer upsampling factor s >= 1.
-      normalizer: "softmax" (default), or "relu" | "sigmoid" | "softplus" for h / (sum h + eps).
+      normalizer: "softmax" (default); "relu" | "sigmoid" | "softplus" for h / (sum h + eps);
+        or "none", the logits themselves as the weights (the paper's Table 6 "None" row).
       border: "zeros" (out-of-map taps have logit 0 and count in the normalisation, as the
         official kernels) or "valid" (they are left out of it).
-      eps: the eps of the h-normalisers (unused by softmax).
+      eps: the eps of the h-normalisers (unused by softmax and none).
       impl: "auto" | "xla" | "ffi" (see module docstring).
 
     Returns:

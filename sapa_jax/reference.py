@@ -77,9 +77,12 @@ _H_FUNCTIONS = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "softplus": jax.
 def normalize(logits, *, normalizer: str, eps: float, counted=None):
     """Kernel weights from logits over the last axis; `counted` masks taps out (border "valid").
 
-    softmax, or h / (sum h + eps) with h in relu | sigmoid | softplus. A window whose h are all 0
-    gives weights 0, never NaN.
+    softmax; h / (sum h + eps) with h in relu | sigmoid | softplus; or "none", the logits
+    themselves (uncounted taps 0). A window whose h are all 0 gives weights 0, never NaN; a
+    NaN or infinite sum passes through (IEEE: NaN in, NaN out).
     """
+    if normalizer == "none":
+        return logits if counted is None else jnp.where(counted, logits, 0.0)
     if normalizer == "softmax":
         if counted is not None:
             logits = jnp.where(counted, logits, -jnp.inf)
@@ -90,7 +93,9 @@ def normalize(logits, *, normalizer: str, eps: float, counted=None):
     if counted is not None:
         h = jnp.where(counted, h, 0.0)
     denom = jnp.sum(h, axis=-1, keepdims=True) + eps
-    return h / jnp.where(denom > 0, denom, 1.0)
+    # h >= 0 and eps >= 0: the sum is 0 only for an all-zero window (then 0 / 1); a test for
+    # `denom > 0` would also swallow a NaN sum.
+    return h / jnp.where(denom == 0, 1.0, denom)
 
 
 def sapa_upsample(q, k, v, *, kernel_size: int, scale: int, normalizer: str, border: str,

@@ -50,6 +50,7 @@ import sapa_jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from cuda_emulator import build as emu_build  # noqa: E402
+import kernel_cases  # noqa: E402
 
 try:
     import ml_dtypes
@@ -57,7 +58,7 @@ try:
 except ImportError:  # jax depends on ml_dtypes, so this is only a safety net
     BF16 = None
 
-NORMALIZERS = ("softmax", "relu", "sigmoid", "softplus")
+NORMALIZERS = sapa_jax._checks.NORMALIZERS  # in the order of the kernels' codes
 BORDERS = ("zeros", "valid")
 # Max abs error over max |reference|. f32: the kernels accumulate in f32 in a different order
 # than the float64 reference (measured <= 8.6e-6). bf16/f16: one rounding of every stored
@@ -200,6 +201,10 @@ CASES = {
                                     np.float32, {"SAPA_CUDA_FORCE_SIMPLE": "1"}, "simple"),
     "softplus-valid-tile-cap-2": ((1,), 5, 7, 2, 9, 20, 3, "softplus", "valid", 1e-6, np.float32,
                                   {"SAPA_CUDA_TILE_CAP": "2"}, 2),
+    "none-zeros-s2-K5": ((1,), 4, 5, 2, 6, 40, 5, "none", "zeros", 1e-6, np.float32, {},
+                         "tiled"),
+    "none-valid-s3-K3-simple": ((1,), 3, 4, 3, 5, 9, 3, "none", "valid", 1e-6, np.float32,
+                                {"SAPA_CUDA_FORCE_SIMPLE": "1"}, "simple"),
 }
 
 
@@ -247,7 +252,12 @@ def test_all_zero_relu_window_gives_exact_zeros(emu, env, border, simple):
     k = (-np.abs(rng.standard_normal((1, H, W, d))) - 0.1).astype(np.float32)
     v = rng.standard_normal((1, H, W, C)).astype(np.float32)
     g = rng.standard_normal((1, H * s, W * s, C)).astype(np.float32)
-    for name, a in zip(RESULT_NAMES, run_emulated(emu, q, k, v, g, K, s, "relu", border, 0.0)[:5]):
+    results = run_emulated(emu, q, k, v, g, K, s, "relu", border, 0.0)
+    out, stats, dq, dk, dv = results[:5]
+    # stats of an all-zero window: 1 / (S + eps) = 0, and the flag that makes dh = dw (as jnp's
+    # safe denominator 1 does; sapa_common.h)
+    assert np.all(stats[..., 0] == 0) and np.all(stats[..., 1] == 1), stats
+    for name, a in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv)):
         assert np.all(a == 0), f"{name} is not exactly zero: max |{name}| = {np.nanmax(np.abs(a))}"
 
 
@@ -415,3 +425,20 @@ def test_tile_planner_respects_device_limits(emu, env, device):
                 assert blocks == n * -(-H // TH) * -(-W // TW), (where, blocks)
     # A 31 x 31 window at scale 8 holds 61504 weights per low-res centre: no tile fits.
     assert not emu.plan(0, 1, 40, 40, 8, 31, 32, 32, optin, per_sm, sms)[0]
+
+
+# ----------------------------------------------------------------------- non-finite values
+@pytest.mark.parametrize("normalizer", sapa_jax._checks.NORMALIZERS)
+@pytest.mark.parametrize("border", BORDERS)
+def test_nonfinite_inputs_propagate_as_in_jnp(emu, env, x64, normalizer, border):
+    # kernel_cases.py: the same cases as the CPU kernel's test, tiled and simple kernels.
+    K, s = kernel_cases.NONFINITE_KERNEL_SIZE, kernel_cases.NONFINITE_SHAPE[3]
+    for case in kernel_cases.nonfinite_cases():
+        q, k, v, g = kernel_cases.nonfinite_inputs(case)
+        want = reference(q, k, v, g, K, s, normalizer, border, 1e-6)
+        for knobs in ({}, {"SAPA_CUDA_FORCE_SIMPLE": "1"}):
+            set_knobs(env, knobs)
+            out, _, dq, dk, dv = run_emulated(emu, q, k, v, g, K, s, normalizer, border, 1e-6)[:5]
+            kernel_cases.assert_same_nan(
+                (out, dq, dk, dv), want,
+                f"{normalizer}/{border} {knobs}, {case[0]}{list(case[1])} = {case[2]}")

@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 import sapa_jax
 from sapa_jax import _ffi
 
+import kernel_cases
 from conftest import random_qkv
 
 pytestmark = pytest.mark.skipif(not sapa_jax.ffi_available("cpu"),
@@ -31,6 +32,8 @@ F32_CASES = [
     ("softplus", "valid", 3, 5, 5, 3, 4, 2, 77),   # channel blocks, vectors and a scalar tail
     ("softmax", "zeros", 2, 9, 1, 3, 17, 32, 40),  # 34 output columns: two lane blocks
     ("softmax", "valid", 3, 5, 2, 7, 5, 12, 64),
+    ("none", "zeros", 2, 5, 1, 4, 3, 5, 9),        # the logits are the weights
+    ("none", "valid", 3, 3, 2, 2, 5, 7, 33),
 ]
 
 
@@ -117,7 +120,40 @@ def test_mixed_dtypes_promote():
     assert dq.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("normalizer, border", [("softmax", "valid"), ("softplus", "zeros")])
+def none_oracle(q, k, v, kernel_size, scale, border):
+    """normalizer="none" as plain loops (float64): w = logit, uncounted taps 0 (valid)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    batch, out_h, out_w, _ = q.shape
+    height, width, channels = v.shape[1:]
+    r = kernel_size // 2
+    out = np.zeros((batch, out_h, out_w, channels))
+    for b in range(batch):
+        for i in range(out_h):
+            for j in range(out_w):
+                for dy in range(-r, r + 1):
+                    for dx in range(-r, r + 1):
+                        y, x = i // scale + dy, j // scale + dx
+                        if 0 <= y < height and 0 <= x < width:  # else v = 0 (and w = 0 if valid)
+                            out[b, i, j] += (q[b, i, j] @ k[b, y, x]) * v[b, y, x]
+    return out
+
+
+@pytest.mark.parametrize("case", [c for c in F32_CASES if c[0] == "none"],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_none_matches_loop_oracle(x64, case):
+    (q, k, v), opts = _inputs(case, dtype=np.float64)
+    want = none_oracle(q, k, v, opts["kernel_size"], opts["scale"], opts["border"])
+    for impl in ("ffi", "xla"):
+        got = sapa_jax.sapa_upsample(q, k, v, impl=impl, **opts)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12, err_msg=impl)
+    # With border "zeros" the out-of-map taps have logit 0: "none" gives the same either way.
+    if opts["border"] == "zeros":
+        other = sapa_jax.sapa_upsample(q, k, v, impl="ffi", **{**opts, "border": "valid"})
+        np.testing.assert_allclose(np.asarray(other), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalizer, border",
+                         [("softmax", "valid"), ("softplus", "zeros"), ("none", "valid")])
 def test_check_grads_f64(x64, normalizer, border):
     q, k, v = random_qkv(3, 1, 3, 2, 2, 3, 2, dtype=np.float64)
     opts = dict(kernel_size=3, scale=2, normalizer=normalizer, border=border, eps=2.0 ** -10)
@@ -242,3 +278,36 @@ def test_bad_backward_input_raises():
         jax.block_until_ready(_ffi.backward_call(q, k, v, stats[..., :1], out, o))
     with pytest.raises(Exception, match="g must have shape"):
         jax.block_until_ready(_ffi.backward_call(q, k, v, stats, out[:, :-1], o))
+
+
+# ------------------------------------------------------------------------- non-finite values
+# kernel_cases.py: one non-finite entry in q, k or v at a time; the isnan masks of out, dq, dk
+# and dv must equal impl="xla"'s.
+
+
+def nonfinite_results(impl, normalizer, border, cases):
+    """out, dq, dk, dv (NumPy) of impl for every case, from one jit compile."""
+    opts = dict(kernel_size=kernel_cases.NONFINITE_KERNEL_SIZE,
+                scale=kernel_cases.NONFINITE_SHAPE[3], normalizer=normalizer, border=border,
+                eps=1e-6)
+
+    @jax.jit
+    def run(q, k, v, g):
+        out, vjp = jax.vjp(lambda q, k, v: sapa_jax.sapa_upsample(q, k, v, impl=impl, **opts),
+                           q, k, v)
+        return (out, *vjp(g))
+
+    return [[np.asarray(a) for a in run(*kernel_cases.nonfinite_inputs(case))]
+            for case in cases]
+
+
+@pytest.mark.parametrize("normalizer", sapa_jax._checks.NORMALIZERS)
+@pytest.mark.parametrize("border", ["zeros", "valid"])
+def test_nonfinite_inputs_propagate_as_in_jnp(normalizer, border):
+    cases = kernel_cases.nonfinite_cases()
+    got = nonfinite_results("ffi", normalizer, border, cases)
+    want = nonfinite_results("xla", normalizer, border, cases)
+    for case, a, b in zip(cases, got, want):
+        assert not all(np.isfinite(x).all() for x in b), f"{case}: no effect on the results"
+        kernel_cases.assert_same_nan(
+            a, b, f"{normalizer}/{border}, {case[0]}{list(case[1])} = {case[2]}")

@@ -104,6 +104,8 @@ CASES = [
     (1, 6, 7, 3, 8, 24, 3, "relu", "valid", F16),
     (5, 4, 6, 4, 12, 20, 7, "softplus", "valid", BF16),
     (1, 10, 12, 1, 24, 48, 5, "sigmoid", "zeros", F16),
+    (1, 8, 8, 2, 16, 32, 5, "none", "zeros", F32),   # the logits are the weights
+    (2, 5, 7, 3, 7, 37, 3, "none", "valid", BF16),
 ]
 
 

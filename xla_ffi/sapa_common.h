@@ -9,7 +9,9 @@
 //   out   (n, sH, sW, C)
 //   stats (n, sH, sW, 2)   per output point, in the accumulation type:
 //                          softmax: {max logit, 1 / sum exp(logit - max)}
-//                          h-norm : {1 / (sum h + eps), 0}
+//                          h-norm : {1 / (sum h + eps), 0}, or {0, 1} when sum h + eps == 0
+//                                   (weights 0; the backward then sees dh = dw, as jnp does)
+//                          none   : {0, 0} (the logits are the weights)
 // Tap p = (dy + r) * K + (dx + r), dy outer, dx inner, dy, dx in -r..r.
 #ifndef SAPA_JAX_XLA_FFI_SAPA_COMMON_H_
 #define SAPA_JAX_XLA_FFI_SAPA_COMMON_H_
@@ -26,7 +28,8 @@
 
 namespace sapa {
 
-enum Normalizer : int64_t { kSoftmax = 0, kRelu = 1, kSigmoid = 2, kSoftplus = 3 };
+enum Normalizer : int64_t { kSoftmax = 0, kRelu = 1, kSigmoid = 2, kSoftplus = 3, kNone = 4 };
+constexpr int64_t kNumNormalizers = 5;
 enum Border : int64_t { kZeros = 0, kValid = 1 };
 
 // Accumulation type: double for double inputs, float for everything else.
@@ -55,10 +58,17 @@ struct Geometry {
   }
 };
 
-// h(x) of the "h / (sum h + eps)" normalisers.
+// Non-finite values (DESIGN.md section 1): every back end makes exactly the output points and
+// gradient entries NaN that the jnp formulation makes NaN. Hence the comparisons below are
+// written so that a NaN operand wins (std::max, fmaxf and `x > 0 ? x : 0` would drop it).
+
+// max(a, b) that returns NaN when either is NaN, as jnp.max does.
+template <typename A> SAPA_HD A nan_max(A a, A b) { return (a < b || b != b) ? b : a; }
+
+// h(x) of the "h / (sum h + eps)" normalisers; relu(NaN) = NaN as jnp.maximum(x, 0).
 template <typename A> SAPA_HD A h_value(int64_t normalizer, A x) {
   switch (normalizer) {
-    case kRelu: return x > A(0) ? x : A(0);
+    case kRelu: return x < A(0) ? A(0) : x;
     case kSigmoid: return A(1) / (A(1) + exp(-x));
     default:  // kSoftplus, computed without overflow for large |x|
       return (x > A(0) ? x : A(0)) + log1p(exp(-(x > A(0) ? x : -x)));
@@ -76,12 +86,57 @@ template <typename A> SAPA_HD A h_grad(int64_t normalizer, A x) {
   }
 }
 
+// The gradient of h(x) for the cotangent dh. relu is a select in JAX (its custom JVP), so a
+// non-finite dh does not leak through x <= 0 (or x = NaN); the others multiply.
+template <typename A> SAPA_HD A h_vjp(int64_t normalizer, A x, A dh) {
+  if (normalizer == kRelu) return x > A(0) ? dh : A(0);
+  return h_grad(normalizer, x) * dh;
+}
+
+// 1 / (S + eps) of the h-normalisers, 0 for an all-zero window (weights 0, never NaN). A NaN
+// or infinite denominator passes through (h * 0 = NaN for an infinite h, as h / inf in jnp).
+template <typename A> SAPA_HD A h_inverse(A denom) { return denom == A(0) ? A(0) : A(1) / denom; }
+
 // Weight of a tap from its logit and the point's stats (see the layout note above).
 // `counted` is false for a tap that does not take part in the normalisation (border "valid").
 template <typename A> SAPA_HD A tap_weight(int64_t normalizer, A logit, A stat0, A stat1, bool counted) {
   if (!counted) return A(0);
   if (normalizer == kSoftmax) return exp(logit - stat0) * stat1;
+  if (normalizer == kNone) return logit;
   return h_value(normalizer, logit) * stat0;
+}
+
+// The stats of one point (layout note above) from its counted taps' reductions: `top` the
+// NaN-propagating max of the logits (softmax) and `sum` the sum of exp(logit - top) (softmax)
+// or of h(logit) (h-normalisers). The one place both back ends turn reductions into stats.
+template <typename A> SAPA_HD void finish_stats(int64_t normalizer, A eps, A top, A sum, A* stat0,
+                                                A* stat1) {
+  if (normalizer == kSoftmax) {
+    *stat0 = top;
+    *stat1 = A(1) / sum;  // sum >= 1 (or NaN): the max is a counted tap, the centre always counts
+  } else if (normalizer == kNone) {
+    *stat0 = A(0);
+    *stat1 = A(0);
+  } else {
+    const A denom = sum + eps;
+    *stat0 = h_inverse(denom);
+    *stat1 = denom == A(0) ? A(1) : A(0);
+  }
+}
+
+// Out-of-map taps. jnp multiplies their weights by the zero padding of v, and their logit
+// gradients by that of k (for dq); the kernels skip those products and add these terms to the
+// point's sums instead: 0, or NaN where jnp's product is NaN. `raw_logit` is the tap's logit
+// before masking, q . 0 (0 or NaN). With border "valid" jnp masks h(logit) by a select, whose
+// gradient 0 * h'(raw_logit) is NaN for a NaN logit under sigmoid and softplus (relu's select
+// and softmax's masked logits give an exact 0).
+template <typename A> SAPA_HD A out_poison_term(int64_t border, A w) {
+  return border == kZeros ? w * A(0) : A(0);
+}
+template <typename A> SAPA_HD A dq_poison_term(int64_t normalizer, int64_t border, A raw_logit,
+                                               A dlogit) {
+  if (border == kZeros) return dlogit * A(0);
+  return normalizer == kSigmoid || normalizer == kSoftplus ? raw_logit * A(0) : A(0);
 }
 
 // Does a tap take part in the normalisation? Zeros border: every tap (outside ones have logit 0).
@@ -93,8 +148,9 @@ inline std::string check_attributes(int64_t kernel_size, int64_t scale, int64_t 
   if (kernel_size < 1 || kernel_size % 2 == 0)
     return "kernel_size must be a positive odd integer, got " + std::to_string(kernel_size);
   if (scale < 1) return "scale must be an integer >= 1, got " + std::to_string(scale);
-  if (normalizer < kSoftmax || normalizer > kSoftplus)
-    return "normalizer code must be 0..3, got " + std::to_string(normalizer);
+  if (normalizer < 0 || normalizer >= kNumNormalizers)
+    return "normalizer code must be 0.." + std::to_string(kNumNormalizers - 1) + ", got " +
+           std::to_string(normalizer);
   if (border != kZeros && border != kValid)
     return "border code must be 0 (zeros) or 1 (valid), got " + std::to_string(border);
   if (!(eps >= 0.0)) return "eps must be >= 0, got " + std::to_string(eps);

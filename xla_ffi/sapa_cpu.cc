@@ -220,7 +220,7 @@ SAPA_INLINE void weighted_rows_any(int64_t points, const A* coef, int64_t coef_s
 
 // out[j] = exp(x[j] - shift[j]) for j < width (a multiple of kLanes). For float a vectorised
 // Cephes-style exp: x = n ln2 + r, a degree-6 polynomial for e^r, 2^n through the exponent
-// bits; relative error about 2e-7, 0 below ln(FLT_MIN) (no subnormals), NaN propagates. The
+// bits; relative error about 2e-7, 0 below ln(FLT_MIN) (no subnormals), NaN in NaN out. The
 // forward and the backward both compute the softmax weights through this function, so the
 // backward sees the forward's weights bit for bit.
 SAPA_INLINE void exp_shifted(const float* __restrict x, const float* __restrict shift,
@@ -231,7 +231,8 @@ SAPA_INLINE void exp_shifted(const float* __restrict x, const float* __restrict 
   const V lo = V{} - 87.336544f, hi = V{} + 88.0f, magic = V{} + 12582912.0f;  // 1.5 * 2^23
   for (int64_t j = 0; j < width; j += L) {
     const V arg = load_vec(x + j) - load_vec(shift + j);
-    const V xc = (V)(((VI)arg & (VI)(arg <= hi)) | ((VI)hi & ~(VI)(arg <= hi)));  // NaN-safe
+    const VI big = (VI)(arg > hi);  // false for NaN, which goes through and comes out NaN
+    const V xc = (V)(((VI)arg & ~big) | ((VI)hi & big));
     const V t = xc * 1.44269504088896341f + magic;  // n in the low mantissa bits of t
     const V n = t - magic;
     const V r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 in two parts
@@ -480,22 +481,35 @@ struct Kernel {
         band_w(width + 2 * g.r * g.s) {}
 
   int64_t taps() const { return g.taps(); }
+  int64_t centre_tap() const { return g.r * g.K + g.r; }  // always inside the map
 
   // rowT[c * width + j] = x[j, c] for the oW points of one output row (padding lanes stay 0).
   SAPA_INLINE void transpose_row(const T* x, int64_t ch, A* rowT) const {
     transpose(x, ch, g.oW(), ch, rowT, width);
   }
 
-  // prod[t * width + j] = rowT[:, j] . (tap t of column j in the band); 0 on window rows
-  // outside the map (band row nullptr). Taps go in pairs sharing the loads of rowT.
-  SAPA_INLINE void tap_products(const A* rowT, const A* const* band, int64_t ch, A* prod) const {
+  // zero[j] = rowT[:, j] . 0: 0, or NaN when the point's row holds a NaN or an infinity. It is
+  // the product of an out-of-map tap, whose k (or v) is the zero padding in the jnp
+  // formulation: a non-finite q (or g) makes it NaN there, and so it must here.
+  SAPA_INLINE void zero_products(const A* rowT, int64_t ch, A* zero) const {
+    std::fill(zero, zero + width, A(0));
+    for (int64_t c = 0; c < ch; ++c)
+      for (int64_t j = 0; j < width; ++j) zero[j] += rowT[c * width + j] * A(0);
+  }
+
+  // prod[t * width + j] = rowT[:, j] . (tap t of column j in the band); zero[j] (see
+  // zero_products) on window rows outside the map (band row nullptr), as the band's zero
+  // padding gives on the others. Taps go in pairs sharing the loads of rowT.
+  SAPA_INLINE void tap_products(const A* rowT, const A* const* band, int64_t ch, A* prod,
+                                A* zero) const {
+    zero_products(rowT, ch, zero);
     for (int64_t dy = 0; dy < g.K; ++dy)
       for (int64_t dx = 0; dx < g.K; dx += 2) {
         const bool pair = dx + 1 < g.K;
         A* first = prod + (dy * g.K + dx) * width;
         A* out[2] = {first, pair ? first + width : nullptr};
         if (!band[dy]) {
-          for (int m = 0; m < (pair ? 2 : 1); ++m) std::fill(out[m], out[m] + width, A(0));
+          for (int m = 0; m < (pair ? 2 : 1); ++m) std::copy(zero, zero + width, out[m]);
           continue;
         }
         const A* rhs[2] = {band[dy] + dx * g.s, pair ? band[dy] + (dx + 1) * g.s : nullptr};
@@ -528,48 +542,81 @@ struct Kernel {
   }
 
   // Logits of taps left out of the normalisation (border "valid", outside the map) become
-  // -inf: every normaliser then gives them weight exactly 0, as h(-inf) = exp(-inf) = 0.
+  // -inf: every normaliser then gives them weight exactly 0, as h(-inf) = exp(-inf) = 0; for
+  // "none", whose weights are the logits, they become 0.
   SAPA_INLINE void mask_uncounted(A* logit, const uint8_t* inside) const {
     if (o.border == sapa::kZeros) return;  // every tap counts
+    const A masked = o.normalizer == sapa::kNone ? A(0) : -std::numeric_limits<A>::infinity();
     for (int64_t e = 0; e < taps() * width; ++e)
-      if (!sapa::tap_counted(o.border, inside[e])) logit[e] = -std::numeric_limits<A>::infinity();
+      if (!sapa::tap_counted(o.border, inside[e])) logit[e] = masked;
+  }
+
+  // Is tap t of lane j counted? Zeros border: all (padding lanes included, harmlessly).
+  SAPA_INLINE bool counted(const uint8_t* inside, int64_t e) const {
+    return sapa::tap_counted(o.border, inside[e] != 0);
+  }
+
+  // poison[j]: the sum of out_poison_term (sapa_common.h) over the out-of-map taps of lane j,
+  // from the weights w.
+  SAPA_INLINE void out_poison(const A* w, const uint8_t* inside, A* poison) const {
+    std::fill(poison, poison + width, A(0));
+    for (int64_t e = 0; e < taps() * width; e += width)
+      for (int64_t j = 0; j < width; ++j)
+        if (!inside[e + j]) poison[j] += sapa::out_poison_term(o.border, w[e + j]);
+  }
+
+  // The same for dq: dq_poison_term from the logit gradients dl and qzero (zero_products of q:
+  // the raw logit of every out-of-map tap).
+  SAPA_INLINE void dq_poison(const A* dl, const A* qzero, const uint8_t* inside,
+                             A* poison) const {
+    std::fill(poison, poison + width, A(0));
+    for (int64_t e = 0; e < taps() * width; e += width)
+      for (int64_t j = 0; j < width; ++j)
+        if (!inside[e + j])
+          poison[j] += sapa::dq_poison_term(o.normalizer, o.border, qzero[j], dl[e + j]);
   }
 
   // Forward normalisation of one output row, every lane j a point: weights w[t * width + j]
-  // and stats st0[j], st1[j] (layout in sapa_common.h).
+  // and stats st0[j], st1[j] (layout and finish_stats in sapa_common.h).
   SAPA_INLINE void normalise_row(const A* logit, A* w, A* st0, A* st1) const {
     const int64_t n = taps();
-    std::fill(st1, st1 + width, A(0));  // the sums, first
+    if (o.normalizer == sapa::kNone) {
+      std::copy(logit, logit + n * width, w);
+      std::fill(st0, st0 + width, A(0));
+      std::fill(st1, st1 + width, A(0));
+      return;
+    }
+    A* sum = st1;  // the sums first, then stat 1
+    std::fill(sum, sum + width, A(0));
     if (o.normalizer == sapa::kSoftmax) {
-      std::fill(st0, st0 + width, -std::numeric_limits<A>::infinity());
+      A* top = st0;
+      std::fill(top, top + width, -std::numeric_limits<A>::infinity());
       for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < width; ++j) st0[j] = std::max(st0[j], logit[t * width + j]);
+        for (int64_t j = 0; j < width; ++j) top[j] = sapa::nan_max(top[j], logit[t * width + j]);
       for (int64_t t = 0; t < n; ++t) {
-        exp_shifted(logit + t * width, st0, w + t * width, width);
-        for (int64_t j = 0; j < width; ++j) st1[j] += w[t * width + j];
+        exp_shifted(logit + t * width, top, w + t * width, width);
+        for (int64_t j = 0; j < width; ++j) sum[j] += w[t * width + j];
       }
-      // sum >= 1 (the max is a counted tap: the centre always counts)
-      for (int64_t j = 0; j < width; ++j) st1[j] = A(1) / st1[j];
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < width; ++j) w[t * width + j] *= st1[j];
     } else {
       for (int64_t t = 0; t < n; ++t)
         for (int64_t j = 0; j < width; ++j) {
           w[t * width + j] = sapa::h_value(o.normalizer, logit[t * width + j]);
-          st1[j] += w[t * width + j];
+          sum[j] += w[t * width + j];
         }
-      for (int64_t j = 0; j < width; ++j) {
-        const A denom = st1[j] + A(o.eps);
-        st0[j] = denom > A(0) ? A(1) / denom : A(0);  // all-zero window: weights 0, not NaN
-        st1[j] = A(0);
-      }
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < width; ++j) w[t * width + j] *= st0[j];
     }
+    for (int64_t j = 0; j < width; ++j)
+      sapa::finish_stats(o.normalizer, A(o.eps), st0[j], sum[j], &st0[j], &st1[j]);
+    const A* scale = o.normalizer == sapa::kSoftmax ? st1 : st0;
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < width; ++j) w[t * width + j] *= scale[j];
   }
 
   // The same weights recomputed from saved stats (the same operations, so the same bits).
   SAPA_INLINE void weights_row(const A* logit, const A* st0, const A* st1, A* w) const {
+    if (o.normalizer == sapa::kNone) {
+      std::copy(logit, logit + taps() * width, w);
+      return;
+    }
     for (int64_t t = 0; t < taps(); ++t) {
       A* wt = w + t * width;
       if (o.normalizer == sapa::kSoftmax) {
@@ -599,21 +646,29 @@ struct Kernel {
   }
 
   // The normaliser's Jacobian, row form: dlogit[t * width + j] from the weights w, the
-  // dw_t = g . v[l + t] and the stats. Outside taps have the constant logit 0: no gradient.
+  // dw_t = g . v[l + t] and the stats, for every counted tap (out-of-map ones too: their
+  // gradient only feeds dq's poison, see dq_poison); uncounted taps get 0.
   //   softmax:   dlogit_t = w_t (dw_t - sum_u w_u dw_u)
   //   h / (S + eps): dlogit_t = h'(x_t) (eps dw_t + sum_u h_u (dw_t - dw_u)) / (S + eps)^2,
   // the cancellation-free form of DESIGN.md: with w_u = h_u / (S + eps) summing to nearly 1,
-  // dw_t - sum_u w_u dw_u would lose the eps / S part that the gradient consists of.
+  // dw_t - sum_u w_u dw_u would lose the eps / S part that the gradient consists of. For an
+  // all-zero window (stat 1 set) jnp's safe denominator is 1: dh = dw.
+  //   none:      dlogit_t = dw_t
   SAPA_INLINE void logit_gradients(const A* logit, const A* w, const A* dw, const A* st0,
-                                   const uint8_t* inside, A* h, A* mean, A* dl) const {
+                                   const A* st1, const uint8_t* inside, A* h, A* mean,
+                                   A* dl) const {
     const int64_t n = taps();
+    if (o.normalizer == sapa::kNone) {
+      for (int64_t e = 0; e < n * width; ++e) dl[e] = counted(inside, e) ? dw[e] : A(0);
+      return;
+    }
     if (o.normalizer == sapa::kSoftmax) {
       std::fill(mean, mean + width, A(0));
       for (int64_t t = 0; t < n; ++t)
         for (int64_t j = 0; j < width; ++j) mean[j] += w[t * width + j] * dw[t * width + j];
       for (int64_t e = 0; e < n * width; e += width)
         for (int64_t j = 0; j < width; ++j)
-          dl[e + j] = inside[e + j] ? w[e + j] * (dw[e + j] - mean[j]) : A(0);
+          dl[e + j] = counted(inside, e + j) ? w[e + j] * (dw[e + j] - mean[j]) : A(0);
       return;
     }
     for (int64_t e = 0; e < n * width; ++e) h[e] = sapa::h_value(o.normalizer, logit[e]);
@@ -626,8 +681,8 @@ struct Kernel {
           acc[j] += h[u * width + j] * (dwt[j] - dw[u * width + j]);
       for (int64_t j = 0; j < width; ++j) {
         const int64_t e = t * width + j;
-        dl[e] = inside[e] ? sapa::h_grad(o.normalizer, logit[e]) * acc[j] * (st0[j] * st0[j])
-                          : A(0);
+        const A dh = st1[j] != A(0) ? dwt[j] : acc[j] * (st0[j] * st0[j]);
+        dl[e] = counted(inside, e) ? sapa::h_vjp(o.normalizer, logit[e], dh) : A(0);
       }
     }
   }
@@ -635,7 +690,7 @@ struct Kernel {
   // Per-thread buffers of the forward and the first backward pass.
   struct Work {
     Band<T, A> kband, vband;
-    std::vector<A> qT, gT, logit, w, dw, dl, h, st0, st1, mean, coef;
+    std::vector<A> qT, gT, logit, w, dw, dl, h, st0, st1, mean, qzero, gzero, poison, coef;
     std::vector<uint8_t> inside;
     std::vector<const A*> rows, kwin, vwin;
     std::vector<T*> outs;
@@ -647,7 +702,8 @@ struct Kernel {
           qT(zeros<A>(kn.g.d * kn.width)), gT(zeros<A>(backward ? kn.g.C * kn.width : 0)),
           logit(zeros<A>(kn.taps() * kn.width)), w(logit),
           dw(zeros<A>(backward ? kn.taps() * kn.width : 0)), dl(dw), h(dw), st0(zeros<A>(kn.width)),
-          st1(st0), mean(st0), coef(zeros<A>(kn.g.s * kn.taps())),
+          st1(st0), mean(st0), qzero(st0), gzero(st0), poison(st0),
+          coef(zeros<A>(kn.g.s * kn.taps())),
           inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())), kwin(size_t(kn.g.K)),
           vwin(size_t(kn.g.K)), outs(size_t(kn.g.s)), tap_of(size_t(kn.taps())),
           centre_inside(new bool[kn.taps()]), k(kn.g.W, kn.g.d, backward ? kn.g.K : 0),
@@ -664,9 +720,10 @@ struct Kernel {
     inside_mask(li, wk.inside.data());
     for (int64_t i = li * g.s; i < (li + 1) * g.s; ++i) {
       transpose_row(q + g.q_at(b, i, 0), g.d, wk.qT.data());
-      tap_products(wk.qT.data(), wk.kwin.data(), g.d, wk.logit.data());
+      tap_products(wk.qT.data(), wk.kwin.data(), g.d, wk.logit.data(), wk.qzero.data());
       mask_uncounted(wk.logit.data(), wk.inside.data());
       normalise_row(wk.logit.data(), wk.w.data(), wk.st0.data(), wk.st1.data());
+      out_poison(wk.w.data(), wk.inside.data(), wk.poison.data());
       for (int64_t j = 0; j < g.oW(); ++j) {
         stat[g.stat_at(b, i, j)] = wk.st0[j];
         stat[g.stat_at(b, i, j) + 1] = wk.st1[j];
@@ -677,7 +734,9 @@ struct Kernel {
                                           wk.tap_of.data());
         for (int64_t sj = 0; sj < g.s; ++sj) {
           const int64_t j = lj * g.s + sj;
-          for (int64_t e = 0; e < count; ++e) wk.coef[sj * n + e] = wk.w[wk.tap_of[e] * width + j];
+          for (int64_t e = 0; e < count; ++e)
+            wk.coef[sj * n + e] = wk.w[wk.tap_of[e] * width + j] +
+                                  (wk.tap_of[e] == centre_tap() ? wk.poison[j] : A(0));
           wk.outs[sj] = out + g.out_at(b, i, j);
         }
         weighted_rows_any(g.s, wk.coef.data(), n, wk.rows.data(), count, g.C, wk.outs.data());
@@ -701,15 +760,16 @@ struct Kernel {
     for (int64_t i = li * g.s; i < (li + 1) * g.s; ++i) {
       transpose_row(q + g.q_at(b, i, 0), g.d, wk.qT.data());
       transpose_row(gout + g.out_at(b, i, 0), g.C, wk.gT.data());
-      tap_products(wk.qT.data(), wk.kwin.data(), g.d, logit);
-      tap_products(wk.gT.data(), wk.vwin.data(), g.C, dw);  // dw_t = g . v[l + t], 0 outside
+      tap_products(wk.qT.data(), wk.kwin.data(), g.d, logit, wk.qzero.data());
+      tap_products(wk.gT.data(), wk.vwin.data(), g.C, dw, wk.gzero.data());  // dw_t = g . v[l+t]
       mask_uncounted(logit, inside);
       for (int64_t j = 0; j < g.oW(); ++j) {
         st0[j] = stat[g.stat_at(b, i, j)];
         st1[j] = stat[g.stat_at(b, i, j) + 1];
       }
       weights_row(logit, st0, st1, w);
-      logit_gradients(logit, w, dw, st0, inside, wk.h.data(), mean, dl);
+      logit_gradients(logit, w, dw, st0, st1, inside, wk.h.data(), mean, dl);
+      dq_poison(dl, wk.qzero.data(), inside, wk.poison.data());
       transpose(w, width, n, g.oW(), w_out + g.tap_at(b, i, 0), n);
       transpose(dl, width, n, g.oW(), dl_out + g.tap_at(b, i, 0), n);
       for (int64_t lj = 0; lj < g.W; ++lj) {
@@ -717,7 +777,9 @@ struct Kernel {
                                           wk.tap_of.data());
         for (int64_t sj = 0; sj < g.s; ++sj) {
           const int64_t j = lj * g.s + sj;
-          for (int64_t e = 0; e < count; ++e) wk.coef[sj * n + e] = dl[wk.tap_of[e] * width + j];
+          for (int64_t e = 0; e < count; ++e)
+            wk.coef[sj * n + e] = dl[wk.tap_of[e] * width + j] +
+                                  (wk.tap_of[e] == centre_tap() ? wk.poison[j] : A(0));
           wk.outs[sj] = dq + g.q_at(b, i, j);
         }
         weighted_rows_any(g.s, wk.coef.data(), n, wk.rows.data(), count, g.d, wk.outs.data());

@@ -130,15 +130,21 @@ template <typename F> __device__ __forceinline__ F warp_sum(F x) {
 // W = sum_j w_j, M = sum_j w_j dw_j. W and M come in double: products of floats are exact there,
 // so dw_p W - M keeps the eps-sized part that a float dw_p - M (w summing to nearly 1) loses,
 // in O(K^2) per point instead of the pairwise sum's O(K^4).
+// An all-zero window (stats.y set) has dh = dw, as jnp's safe denominator 1 gives. "none": the
+// logits are the weights, dlogit = dw.
 __device__ __forceinline__ float tap_dlogit(int64_t normalizer, float eps, float logit, float w,
-                                            float dw, float inv, float wdw, double W, double M) {
+                                            float dw, float inv, float all_zero, float wdw,
+                                            double W, double M) {
   if (normalizer == sapa::kSoftmax) return w * (dw - wdw);
+  if (normalizer == sapa::kNone) return dw;
   const double d = dw;
   const double core = static_cast<double>(eps) * inv * d + (d * W - M);
-  return sapa::h_grad(normalizer, logit) * inv * static_cast<float>(core);
+  const float dh = all_zero != 0.f ? dw : inv * static_cast<float>(core);
+  return sapa::h_vjp(normalizer, logit, dh);
 }
+// NaN-propagating (fmaxf would drop a NaN, see sapa_common.h).
 __device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = 16; o > 0; o >>= 1) x = sapa::nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 
@@ -160,23 +166,22 @@ __device__ __forceinline__ void for_each_tap(int Y, int X, const Params& P, F f)
 // Normaliser statistics of one output point from its logits w[p * stride] (sapa_common.h).
 __device__ __forceinline__ float2 point_stats(const float* w, int stride, int Y, int X,
                                               const Params& P) {
+  float top = -INFINITY, sum = 0.f;
   if (P.normalizer == sapa::kSoftmax) {
-    float top = -INFINITY;
     for_each_tap(Y, X, P, [&](int p, bool inside) {
-      if (sapa::tap_counted(P.border, inside)) top = fmaxf(top, w[p * stride]);
+      if (sapa::tap_counted(P.border, inside)) top = sapa::nan_max(top, w[p * stride]);
     });
-    float sum = 0.f;  // >= 1: the max is attained by a counted tap (the centre always counts)
     for_each_tap(Y, X, P, [&](int p, bool inside) {
       if (sapa::tap_counted(P.border, inside)) sum += expf(w[p * stride] - top);
     });
-    return make_float2(top, 1.f / sum);
+  } else if (P.normalizer != sapa::kNone) {
+    for_each_tap(Y, X, P, [&](int p, bool inside) {
+      if (sapa::tap_counted(P.border, inside)) sum += sapa::h_value(P.normalizer, w[p * stride]);
+    });
   }
-  float sum = 0.f;
-  for_each_tap(Y, X, P, [&](int p, bool inside) {
-    if (sapa::tap_counted(P.border, inside)) sum += sapa::h_value(P.normalizer, w[p * stride]);
-  });
-  const float denom = sum + P.eps;
-  return make_float2(denom > 0.f ? 1.f / denom : 0.f, 0.f);  // all-zero window: weights 0
+  float2 st;
+  sapa::finish_stats<float>(P.normalizer, P.eps, top, sum, &st.x, &st.y);
+  return st;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -302,17 +307,25 @@ __device__ __forceinline__ void accumulate_dots(float* buf, const float* B, cons
     float a[kChunk];
     load_a(pt, q, a);
     float* acc = buf + q.ci * P.T * P.s2pad + q.si;
+    // An out-of-map tap's product with the zero padding: 0, or NaN for a non-finite a
+    // (sapa_common.h, "Non-finite values").
+    float zero = 0.f;
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) zero = fmaf(a[u], 0.f, zero);
     int p = 0;
     for (int dy = -P.r; dy <= P.r; ++dy) {
       const int yy = q.Y + dy;
       if (yy < 0 || yy >= P.H) {
-        p += P.K;
+        for (int dx = 0; dx < P.K; ++dx, ++p) acc[p * P.s2pad] += zero;
         continue;
       }
       const float* brow = B + (yy - t.hy0) * t.hw * kChunkStride;
       for (int dx = -P.r; dx <= P.r; ++dx, ++p) {
         const int xx = q.X + dx;
-        if (xx < 0 || xx >= P.W) continue;
+        if (xx < 0 || xx >= P.W) {
+          acc[p * P.s2pad] += zero;
+          continue;
+        }
         const float4* b4 = reinterpret_cast<const float4*>(brow + (xx - t.hx0) * kChunkStride);
         float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll
@@ -368,11 +381,13 @@ __device__ __forceinline__ void load_staged_chunk(const float* A, int pt, float 
 // dst[point][c0 + c] = sum over inside taps p of wbuf[ci][p][si] * V[halo pixel of l + p][c] for
 // c < width <= 64 and every output point of the tile. Work item = (centre, group of 4 sub-pixels,
 // lane); the lane owns channels lane and lane + 32, so a warp stores 32 consecutive channels.
+// Every sum starts from the point's poison[ci * s2pad + si] (0, or NaN: the out-of-map taps'
+// terms, sapa_common.h).
 template <typename T>
 __device__ __forceinline__ void assemble_chunk(T* __restrict__ dst, int row_len, int c0,
                                                int width, const float* V, int vstride,
-                                               const float* wbuf, const Tile& t,
-                                               const Params& P) {
+                                               const float* wbuf, const float* poison,
+                                               const Tile& t, const Params& P) {
   const int groups_per_centre = P.s2pad / kSub;
   const int items = t.ncent * groups_per_centre * 32;
   for (int it = threadIdx.x; it < items; it += kThreads) {
@@ -383,7 +398,12 @@ __device__ __forceinline__ void assemble_chunk(T* __restrict__ dst, int row_len,
     const int ci = grp / groups_per_centre, sg = grp - ci * groups_per_centre;
     const int cy = ci / t.cw;
     const int Y = t.ty0 + cy, X = t.tx0 + (ci - cy * t.cw);
-    float acc[kSub][2] = {};
+    float acc[kSub][2];
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) {
+      const int si = sg * kSub + i;
+      acc[i][0] = acc[i][1] = si < P.s2 ? poison[ci * P.s2pad + si] : 0.f;
+    }
     const float* wcol = wbuf + ci * P.T * P.s2pad + sg * kSub;
     int p = 0;
     for (int dy = -P.r; dy <= P.r; ++dy) {
@@ -425,9 +445,9 @@ __device__ __forceinline__ void assemble_chunk(T* __restrict__ dst, int row_len,
 
 // ----------------------------------------------------------------------------------------------
 // Tiled kernels. Shared memory layouts (floats; every region starts 16-byte aligned):
-//   forward  [weights: TH*TW*T*s2pad][halo: kh*kw*max(kChunkStride, vstride)]
-//   pass 1   [w: TH*TW*T*s2pad][dlogit: same][points: TH*TW*s2*kChunkStride]
-//            [halo: kh*kw*kChunkStride]
+//   forward  [weights: TH*TW*T*s2pad][poison: TH*TW*s2pad][halo: kh*kw*max(kChunkStride, vstride)]
+//   pass 1   [w: TH*TW*T*s2pad][dlogit: same][poison: TH*TW*s2pad]
+//            [points: TH*TW*s2*kChunkStride][halo: kh*kw*kChunkStride]
 //   pass 2   [gathered tap values: TH*TW*T*s2pad][halo points: kh*kw*s2*kChunk]
 // with kh = min(TH + 2r, H), kw = min(TW + 2r, W) (see shared_floats on the host).
 
@@ -437,7 +457,8 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
                   const T* __restrict__ v, T* __restrict__ out, float* __restrict__ stats) {
   extern __shared__ float4 shared4[];
   float* const wbuf = reinterpret_cast<float*>(shared4);
-  float* const halo = wbuf + P.TH * P.TW * P.T * P.s2pad;
+  float* const poison = wbuf + P.TH * P.TW * P.T * P.s2pad;
+  float* const halo = poison + P.TH * P.TW * P.s2pad;
   const Tile t = tile_of_block(P);
   const int npts = t.ncent * P.s2;
 
@@ -459,10 +480,13 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     const Point p = point_of(pt, t, P);
     float* w = wbuf + p.ci * P.T * P.s2pad + p.si;
     const float2 st = point_stats(w, P.s2pad, p.Y, p.X, P);
+    float outside = 0.f;
     for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
       float& x = w[tap * P.s2pad];
       x = sapa::tap_weight(P.normalizer, x, st.x, st.y, sapa::tap_counted(P.border, inside));
+      if (!inside) outside += sapa::out_poison_term<float>(P.border, x);
     });
+    poison[p.ci * P.s2pad + p.si] = outside;
     reinterpret_cast<float2*>(stats)[pixel(t.b, p.oy, p.ox, P.oH, P.oW)] = st;
   }
 
@@ -472,7 +496,7 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     __syncthreads();  // weights complete / previous chunk consumed
     stage_halo(halo, P.vstride, width, v, P.C, c0, width, t, P);
     __syncthreads();
-    assemble_chunk(out, P.C, c0, width, halo, P.vstride, wbuf, t, P);
+    assemble_chunk(out, P.C, c0, width, halo, P.vstride, wbuf, poison, t, P);
   }
 }
 
@@ -486,7 +510,8 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   const int tap_max = P.TH * P.TW * P.T * P.s2pad;
   float* const wbuf = reinterpret_cast<float*>(shared4);  // logits, then w
   float* const dbuf = wbuf + tap_max;                     // dw, then dlogit
-  float* const points = dbuf + tap_max;
+  float* const poison = dbuf + tap_max;                   // of dq, per point
+  float* const points = poison + P.TH * P.TW * P.s2pad;
   float* const halo = points + P.TH * P.TW * P.s2 * kChunkStride;
   const Tile t = tile_of_block(P);
   const int npts = t.ncent * P.s2;
@@ -534,16 +559,19 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
         M += static_cast<double>(wt) * dw[tap * P.s2pad];
       }
     });
+    float outside = 0.f;
     for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
       const float logit = w[tap * P.s2pad];
-      const float wt = sapa::tap_weight(P.normalizer, logit, st.x, st.y,
-                                        sapa::tap_counted(P.border, inside));
-      const float dl = inside ? tap_dlogit(P.normalizer, P.eps, logit, wt, dw[tap * P.s2pad],
-                                           st.x, wdw, W, M)
-                              : 0.f;
+      const bool counted = sapa::tap_counted(P.border, inside);
+      const float wt = sapa::tap_weight(P.normalizer, logit, st.x, st.y, counted);
+      const float dl = counted ? tap_dlogit(P.normalizer, P.eps, logit, wt, dw[tap * P.s2pad],
+                                            st.x, st.y, wdw, W, M)
+                               : 0.f;
+      if (!inside) outside += sapa::dq_poison_term<float>(P.normalizer, P.border, logit, dl);
       w[tap * P.s2pad] = wt;
       dw[tap * P.s2pad] = dl;
     });
+    poison[p.ci * P.s2pad + p.si] = outside;
   }
   __syncthreads();
 
@@ -572,7 +600,7 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
       stage_halo(halo, kChunkStride, kChunk, k, P.d, c0, width, t, P);
       __syncthreads();
     }
-    assemble_chunk(dq, P.d, c0, width, halo, kChunkStride, dbuf, t, P);
+    assemble_chunk(dq, P.d, c0, width, halo, kChunkStride, dbuf, poison, t, P);
   }
 }
 
@@ -707,47 +735,57 @@ __device__ __forceinline__ float dot_rows(const T* __restrict__ a, const T* __re
   return s;
 }
 
-// Logit of tap p of a point (0 outside the map, as the zeros border defines it).
+// a . 0: 0, or NaN when the row holds a non-finite value (an out-of-map tap's product with the
+// zero padding, sapa_common.h).
+template <typename T>
+__device__ __forceinline__ float zero_dot(const T* __restrict__ a, int n) {
+  float s = 0.f;
+  for (int c = 0; c < n; ++c) s = fmaf(to_f(a[c]), 0.f, s);
+  return s;
+}
+
+// Logit of tap p of a point; `qzero` (zero_dot of q) outside the map, as the zeros border
+// defines it.
 template <typename T>
 __device__ __forceinline__ float simple_logit(const T* __restrict__ qrow, const T* __restrict__ k,
                                               int p, const FlatPoint& f, const Params& P,
-                                              bool* inside) {
+                                              float qzero, bool* inside) {
   int y, x;
   *inside = tap_inside(p, f.Y, f.X, P, &y, &x);
-  return *inside ? dot_rows(qrow, k + pixel(f.b, y, x, P.H, P.W) * P.d, P.d) : 0.f;
+  return *inside ? dot_rows(qrow, k + pixel(f.b, y, x, P.H, P.W) * P.d, P.d) : qzero;
 }
 
 // Stats of a point computed by its warp: lanes take taps lane, lane + 32, ...
 template <typename T>
 __device__ __forceinline__ float2 simple_stats(const T* __restrict__ qrow,
                                                const T* __restrict__ k, const FlatPoint& f,
-                                               const Params& P) {
+                                               float qzero, const Params& P) {
   const int lane = threadIdx.x & 31;
+  float top = -INFINITY, sum = 0.f;
   if (P.normalizer == sapa::kSoftmax) {
-    float top = -INFINITY;
     for (int p = lane; p < P.T; p += 32) {
       bool inside;
-      const float x = simple_logit(qrow, k, p, f, P, &inside);
-      if (sapa::tap_counted(P.border, inside)) top = fmaxf(top, x);
+      const float x = simple_logit(qrow, k, p, f, P, qzero, &inside);
+      if (sapa::tap_counted(P.border, inside)) top = sapa::nan_max(top, x);
     }
     top = warp_max(top);
-    float sum = 0.f;
     for (int p = lane; p < P.T; p += 32) {
       bool inside;
-      const float x = simple_logit(qrow, k, p, f, P, &inside);
+      const float x = simple_logit(qrow, k, p, f, P, qzero, &inside);
       if (sapa::tap_counted(P.border, inside)) sum += expf(x - top);
     }
     sum = warp_sum(sum);
-    return make_float2(top, 1.f / sum);
+  } else if (P.normalizer != sapa::kNone) {
+    for (int p = lane; p < P.T; p += 32) {
+      bool inside;
+      const float x = simple_logit(qrow, k, p, f, P, qzero, &inside);
+      if (sapa::tap_counted(P.border, inside)) sum += sapa::h_value(P.normalizer, x);
+    }
+    sum = warp_sum(sum);
   }
-  float sum = 0.f;
-  for (int p = lane; p < P.T; p += 32) {
-    bool inside;
-    const float x = simple_logit(qrow, k, p, f, P, &inside);
-    if (sapa::tap_counted(P.border, inside)) sum += sapa::h_value(P.normalizer, x);
-  }
-  const float denom = warp_sum(sum) + P.eps;
-  return make_float2(denom > 0.f ? 1.f / denom : 0.f, 0.f);
+  float2 st;
+  sapa::finish_stats<float>(P.normalizer, P.eps, top, sum, &st.x, &st.y);
+  return st;
 }
 
 // One warp per output point (grid-stride, warp-uniform loop).
@@ -762,18 +800,24 @@ __global__ void __launch_bounds__(kThreads)
        pt += step) {
     const FlatPoint f = flat_point(pt, P);
     const T* qrow = q + pt * P.d;
-    const float2 st = simple_stats(qrow, k, f, P);
+    const float qzero = zero_dot(qrow, P.d);
+    const float2 st = simple_stats(qrow, k, f, qzero, P);
     if (lane == 0) reinterpret_cast<float2*>(stats)[pt] = st;
     for (int c0 = 0; c0 < P.C; c0 += 32) {
       const int c = c0 + lane;
       float acc = 0.f;
       for (int p = 0; p < P.T; ++p) {
         bool inside;
-        const float x = simple_logit(qrow, k, p, f, P, &inside);  // every lane, same value
-        if (!inside || c >= P.C) continue;  // v is 0 outside the map
+        const float x = simple_logit(qrow, k, p, f, P, qzero, &inside);  // every lane, same
+        const float w =
+            sapa::tap_weight(P.normalizer, x, st.x, st.y, sapa::tap_counted(P.border, inside));
+        if (c >= P.C) continue;
+        if (!inside) {  // v is 0 outside the map
+          acc += sapa::out_poison_term<float>(P.border, w);
+          continue;
+        }
         int y, xx;
         tap_inside(p, f.Y, f.X, P, &y, &xx);
-        const float w = sapa::tap_weight(P.normalizer, x, st.x, st.y, true);
         acc = fmaf(w, to_f(v[pixel(f.b, y, xx, P.H, P.W) * P.C + c]), acc);
       }
       if (c < P.C) out[pt * P.C + c] = from_f<T>(acc);
@@ -796,6 +840,7 @@ __global__ void __launch_bounds__(kThreads)
     const FlatPoint f = flat_point(pt, P);
     const T* qrow = q + pt * P.d;
     const T* grow = g + pt * P.C;
+    const float qzero = zero_dot(qrow, P.d), gzero = zero_dot(grow, P.C);
     float* wrow = w_out + pt * P.T;
     float* drow = dlogit_out + pt * P.T;
     const float2 st = reinterpret_cast<const float2*>(stats)[pt];
@@ -803,10 +848,10 @@ __global__ void __launch_bounds__(kThreads)
     double part_w = 0.0, part_m = 0.0;
     for (int p = lane; p < P.T; p += 32) {
       bool inside;
-      const float x = simple_logit(qrow, k, p, f, P, &inside);
+      const float x = simple_logit(qrow, k, p, f, P, qzero, &inside);
       const float w = sapa::tap_weight(P.normalizer, x, st.x, st.y,
                                        sapa::tap_counted(P.border, inside));
-      float dw = 0.f;
+      float dw = gzero;  // g . 0 outside the map
       if (inside) {
         int y, xx;
         tap_inside(p, f.Y, f.X, P, &y, &xx);
@@ -826,17 +871,29 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int p = lane; p < P.T; p += 32) {
       bool inside;
-      const float x = simple_logit(qrow, k, p, f, P, &inside);
-      drow[p] = inside ? tap_dlogit(P.normalizer, P.eps, x, wrow[p], drow[p], st.x, wdw, W, M)
-                       : 0.f;
+      const float x = simple_logit(qrow, k, p, f, P, qzero, &inside);
+      const bool counted = sapa::tap_counted(P.border, inside);
+      drow[p] = counted ? tap_dlogit(P.normalizer, P.eps, x, wrow[p], drow[p], st.x, st.y, wdw,
+                                     W, M)
+                        : 0.f;
     }
+    // dq's poison (sapa_common.h): with border "valid" the same for every out-of-map tap.
+    const float valid_poison = sapa::dq_poison_term<float>(P.normalizer, sapa::kValid, qzero, 0.f);
+    const bool zeros = P.border == sapa::kZeros;
     __syncwarp();  // dlogit of every tap visible to every lane
     for (int c = lane; c < P.d; c += 32) {
       float acc = 0.f;
-      for (int p = 0; p < P.T; ++p) {
-        int y, xx;
-        if (!tap_inside(p, f.Y, f.X, P, &y, &xx)) continue;
-        acc = fmaf(drow[p], to_f(k[pixel(f.b, y, xx, P.H, P.W) * P.d + c]), acc);
+      int p = 0;
+      for (int dy = -P.r; dy <= P.r; ++dy) {
+        const int y = f.Y + dy;
+        for (int dx = -P.r; dx <= P.r; ++dx, ++p) {
+          const int x = f.X + dx;
+          if (y < 0 || y >= P.H || x < 0 || x >= P.W) {  // k is 0 outside: only the poison
+            acc += zeros ? drow[p] * 0.f : valid_poison;
+            continue;
+          }
+          acc = fmaf(drow[p], to_f(k[pixel(f.b, y, x, P.H, P.W) * P.d + c]), acc);
+        }
       }
       dq[pt * P.d + c] = from_f<T>(acc);
     }
@@ -906,9 +963,10 @@ int64_t shared_floats(Kernel kernel, const Params& P, int64_t TH, int64_t TW) {
   const int64_t taps = TH * TW * P.T * P.s2pad;
   switch (kernel) {
     case Kernel::kForward:
-      return taps + kh * kw * std::max<int64_t>(kChunkStride, P.vstride);
+      return taps + TH * TW * P.s2pad + kh * kw * std::max<int64_t>(kChunkStride, P.vstride);
     case Kernel::kBackwardPoints:
-      return 2 * taps + TH * TW * P.s2 * kChunkStride + kh * kw * kChunkStride;
+      return 2 * taps + TH * TW * P.s2pad + TH * TW * P.s2 * kChunkStride +
+             kh * kw * kChunkStride;
     case Kernel::kBackwardLowres:
       return taps + kh * kw * P.s2 * kChunk;
   }
