@@ -191,3 +191,9 @@ def test_overwrite_never_deletes_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(outputs.OutputExistsError, match="refusing to delete"):
         outputs.prepare_output(tmp_path, overwrite=True)
     assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_schedule_works_for_a_one_step_run():
+    from examples.common import training
+    tx = training.warmup_cosine_adamw(1e-3, 1, 0.0)
+    assert tx.init({"w": jnp.zeros(3)}) is not None
