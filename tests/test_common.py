@@ -92,6 +92,10 @@ def test_summary_rows_and_files(tmp_path):
     assert float(table["sapa-b"]["miou_diff_vs_bilinear_ci95_low"]) == pytest.approx(expected_ci[0])
     text = report.format_table(rows, {"miou": "mIoU"})
     assert "n/a" in text and "+50" in text
+    md = report.markdown_table(rows, {"miou": "mIoU"}).splitlines()
+    assert len(md) == 2 + 3 and md[0].startswith("| upsampler | seeds | mIoU (%)")
+    # sapa-b: +2, +1, +3 points: with 3 seeds the t interval [-0.48, +4.48] still holds 0.
+    assert "+2.00 [-0.48, +4.48] tie" in md[-1] and "+50" in md[-1]
 
 
 # ----------------------------------------------------------------------------- cost columns
@@ -187,3 +191,9 @@ def test_overwrite_never_deletes_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(outputs.OutputExistsError, match="refusing to delete"):
         outputs.prepare_output(tmp_path, overwrite=True)
     assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_schedule_works_for_a_one_step_run():
+    from examples.common import training
+    tx = training.warmup_cosine_adamw(1e-3, 1, 0.0)
+    assert tx.init({"w": jnp.zeros(3)}) is not None

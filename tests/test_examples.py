@@ -1,6 +1,8 @@
-"""The segmentation example: its pieces, then the CLI end to end at a tiny size (16x16 images,
-batch 4, a few steps) through every path: training, validation, checkpoints, figures, Ctrl-C,
-resume and 4 devices. Compilation dominates the time of those runs on a CPU, so they are as
+"""The segmentation example: its pieces (decoders, the fairness of the protocol, ablation
+settings, the bilinear kernel map), then the CLI end to end at a tiny size (16x16 images,
+batch 4, a few steps) through every path: both decoders, training, validation, the summary
+with paired CIs and cost columns, checkpoints, figures, Ctrl-C, resume, a refused rerun and 4
+devices. Compilation dominates the time of those runs on a CPU, so they are as
 few as possible and overlap (see the `runs` fixture).
 """
 from __future__ import annotations
@@ -14,17 +16,22 @@ import sys
 import time
 from pathlib import Path
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from examples.segmentation import data, metrics, model, train
+import sapa_jax
+from examples.common import training
+from examples.common import upsamplers as ups
+from examples.segmentation import data, figures, metrics, model, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "16", "--batch-size", "4", "--val-size", "4", "--seeds", "0",
         "--log-every", "1"]
-UPSAMPLERS = ("nearest", "sapa-i", "sapa-b", "sapa-p", "sapa-g")
+UPSAMPLERS = ("bilinear", "deconv", "sapa-i", "sapa-b")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -59,27 +66,100 @@ def test_scenes_have_every_class_and_thin_structures():
 def test_bilinear2x_matches_jax_image_resize():
     x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
     expected = jax.image.resize(x, (2, 10, 14, 3), "bilinear")
-    np.testing.assert_allclose(model.bilinear2x(x), expected, atol=1e-6)
+    np.testing.assert_allclose(ups.bilinear2x(x), expected, atol=1e-6)
 
 
-def test_parse_upsampler():
-    assert model.parse_upsampler(" SAPA-B ") == "sapa-b"
-    with pytest.raises(ValueError, match="sapa-g"):
-        model.parse_upsampler("carafe")
+def test_bilinear_kernel_map_reassembles_bilinear():
+    """The figure's bilinear weights are bilinear2x written as SAPA's K x K window."""
+    x = jax.random.normal(jax.random.key(1), (1, 6, 6, 3))
+    for kernel_size in (3, 5):
+        w = figures.bilinear_weights(12, kernel_size)[None]
+        np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-12)
+        out = sapa_jax.assemble(jnp.asarray(w, jnp.float32), x, kernel_size=kernel_size, scale=2)
+        np.testing.assert_allclose(out, ups.bilinear2x(x), atol=1e-5)
+
+
+def test_parse_decoder():
+    assert model.parse_decoder(" FPN ") == "fpn"
+    with pytest.raises(ValueError, match="segformer"):
+        model.parse_decoder("unet")
+
+
+def _param_shapes(decoder, upsampler, size=16):
+    net = model.Segmenter(decoder, upsampler, data.NUM_CLASSES)
+    params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
+    flat = flax.traverse_util.flatten_dict(params)
+    return {path: leaf.shape for path, leaf in flat.items()}
+
+
+@pytest.mark.parametrize("decoder", ["fpn", "segformer"])
+def test_only_the_upsampling_stages_differ(decoder):
+    """The paper's protocol: every upsampler's network has the same non-upsampler parameters
+    (names and shapes); the upsampler modules are all that changes."""
+    reference = None
+    for upsampler in ups.available():
+        shapes = _param_shapes(decoder, upsampler)
+        rest = {p: s for p, s in shapes.items() if not model.is_upsampler_param(p)}
+        if reference is None:
+            reference = rest
+        assert rest == reference, upsampler
+        own = {p[0] for p in shapes if model.is_upsampler_param(p)}
+        stages = 3 if decoder == "fpn" else 6  # segformer: 3 + 2 + 1 upsamplers
+        assert len(own) == (0 if upsampler in ("nearest", "bilinear") else stages), upsampler
+    # Laterals at every stage, the full-resolution one included (fpn); 4 projections (segformer).
+    names = {p[0] for p in reference}
+    if decoder == "fpn":
+        assert {"lateral0", "lateral1", "lateral2", "dec0"} <= names
+    else:
+        assert {"proj1", "proj2", "proj3", "proj4", "fuse"} <= names
+
+
+def test_upsampler_only_keeps_its_caveat():
+    """The first version's network: no lateral at full resolution, except SAPA-I's guide."""
+    assert "lateral0" not in {p[0] for p in _param_shapes("upsampler-only", "bilinear")}
+    assert "lateral0" in {p[0] for p in _param_shapes("upsampler-only", "sapa-i")}
+
+
+@pytest.mark.parametrize("decoder", ["segformer", "upsampler-only"])
+def test_decoders_forward(decoder):
+    net = model.Segmenter(decoder, "sapa-b", data.NUM_CLASSES)
+    images = jnp.asarray(data.validation_set(0, 2, 16)[0])
+    variables = net.init(training.init_key(0), images)  # rbg: no threefry compiles
+    logits = net.apply(variables, images)
+    assert logits.shape == (2, 16, 16, data.NUM_CLASSES) and bool(jnp.isfinite(logits).all())
+    with pytest.raises(ValueError, match="multiples of"):
+        net.init(training.init_key(0), jnp.zeros((1, 24, 24, 3)) if decoder == "segformer"
+                 else jnp.zeros((1, 12, 12, 3)))
+
+
+def test_ablation_settings():
+    cfg = train.Config(ablation=True)
+    exps, skipped = train.experiments(cfg)
+    labels = [e.label for e in exps]
+    assert labels[0] == "bilinear" and len(labels) == len(set(labels))
+    assert {"sapa-i", "sapa-b", "sapa-p", "sapa-g", "sapa-b K=3", "sapa-b K=7", "sapa-b d=16",
+            "sapa-b d=128", "sapa-b norm=relu", "sapa-b norm=softplus"} <= set(labels)
+    base = next(e for e in exps if e.label == "sapa-b")
+    assert set(base.groups) == {"similarity", "normaliser", "kernel size", "embedding dim"}
+    none = "sapa-b norm=none"
+    assert (none in labels) != any(s["label"] == none for s in skipped)
 
 
 def test_batch_size_must_divide_over_devices():
-    train.check_batch_size(8, 4)
+    training.check_batch_size(8, 4)
     with pytest.raises(ValueError, match="divisible by the number of devices \\(4\\).*got 6"):
-        train.check_batch_size(6, 4)
+        training.check_batch_size(6, 4)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--image-size", "20"], "multiple of 8"),
-    (["--upsamplers", "nearest,carafe"], "upsampler must be one of"),
+    (["--decoder", "segformer", "--image-size", "24"], "multiple of 16"),
+    (["--upsamplers", "nearest,pixelshuffle"], "upsampler must be one of"),
     (["--seeds", "0,0"], "must not repeat"),
     (["--kernel-size", "4"], "odd"),
     (["--steps", "0"], ">= 1"),
+    (["--normalizer", "tanh"], "--normalizer must be one of"),
+    (["--resume", "--overwrite"], "exclude each other"),
 ])
 def test_bad_command_lines_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -90,7 +170,7 @@ def test_bad_command_lines_exit_with_a_message(argv, message, capsys):
 
 def test_parse_args_defaults_and_val_rounding():
     cfg = train.parse_args(["--batch-size", "8", "--val-size", "20"])
-    assert cfg.upsamplers == model.UPSAMPLERS
+    assert cfg.upsamplers == ups.available() and cfg.decoder == "fpn"
     assert cfg.val_size == 24  # rounded up to whole batches
     assert cfg.out.is_absolute()
 
@@ -118,41 +198,51 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three CLI runs in subprocesses, overlapped (compilation is single-threaded, so two
-    processes use both cores):
+    """CLI runs in subprocesses, overlapped (compilation is single-threaded, so two processes
+    use both cores):
 
-    tiny:   1 device, nearest + every SAPA variant, 2 steps, figures.
-    four:   4 devices, sapa-b, stopped with SIGINT once its step-2 checkpoint is on disk.
-    resume: 1 device, --resume of `four` for two more steps.
+    tiny:      1 device, fpn, bilinear + deconv + SAPA-I/B, seeds 0 and 1, 2 steps, figures.
+    segformer: 1 device, the segformer decoder, nearest + SAPA-G, 1 step, no figures.
+    four:      4 devices, sapa-b, stopped with SIGINT once its step-2 checkpoint is on disk.
+    resume:    1 device, --resume of `four` for two more steps.
+    again:     tiny's command once more: refused, the earlier run left as it was.
     """
     root = tmp_path_factory.mktemp("segmentation")
-    tiny_args = TINY + ["--upsamplers", ",".join(UPSAMPLERS), "--steps", "2",
+    tiny_args = TINY + ["--upsamplers", ",".join(UPSAMPLERS), "--seeds", "0,1", "--steps", "2",
                         "--eval-every", "1", "--out", str(root / "tiny")]
     tiny = _launch(tiny_args, 1, root / "tiny")
     four_args = TINY + ["--upsamplers", "sapa-b", "--steps", "100000", "--eval-every", "2",
                         "--no-figures", "--out", str(root / "four")]
     four = _launch(four_args, 4, root / "four")
     first_checkpoint = root / "four" / "checkpoints" / "sapa-b_seed0" / "2"
-    deadline = time.monotonic() + 200
+    deadline = time.monotonic() + 400
     while not first_checkpoint.is_dir() and four.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     if four.poll() is None:
         four.send_signal(signal.SIGINT)
-    result = {"root": root, "four": _finish(four, root / "four", timeout=120)}
+    result = {"root": root, "four": _finish(four, root / "four", timeout=200)}
     # Checkpoint steps as the interrupted run left them: the resume below writes into the same
     # folder, and max_to_keep=2 then drops older steps.
     ckpt = root / "four" / "checkpoints" / "sapa-b_seed0"
     result["four_checkpoints"] = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
     interrupted = root / "four" / "results.json"
     result["four_doc"] = json.loads(interrupted.read_text()) if interrupted.exists() else None
+    segformer_args = TINY + ["--decoder", "segformer", "--upsamplers", "nearest,sapa-g",
+                             "--steps", "1", "--no-figures", "--out", str(root / "segformer")]
+    segformer = _launch(segformer_args, 1, root / "segformer")
     if result["four_doc"]:
         stopped = result["four_doc"]["runs"][0]["step"]
         resume_args = TINY + ["--upsamplers", "sapa-b", "--steps", str(stopped + 2),
                               "--eval-every", "2", "--no-figures", "--resume",
                               "--out", str(root / "four")]
         resume = _launch(resume_args, 1, root / "resume")
-        result["resume"] = _finish(resume, root / "resume")
-    result["tiny"] = _finish(tiny, root / "tiny")
+        result["resume"] = _finish(resume, root / "resume", timeout=400)
+    result["tiny"] = _finish(tiny, root / "tiny", timeout=600)
+    result["segformer"] = _finish(segformer, root / "segformer", timeout=400)
+    first = (root / "tiny" / "results.json").read_bytes() if result["tiny"]["rc"] == 0 else None
+    result["again"] = _finish(_launch(tiny_args, 1, root / "again"), root / "again")
+    result["again_unchanged"] = first is not None and \
+        (root / "tiny" / "results.json").read_bytes() == first
     return result
 
 
@@ -174,8 +264,9 @@ def test_tiny_run_writes_results(runs):
     assert "boundary IoU, w=2" in runs["tiny"]["stdout"]  # the printed table
     doc = json.loads((out / "results.json").read_text())
     assert doc["devices"] == 1 and doc["interrupted"] is False
+    assert doc["config"]["decoder"] == "fpn"
     assert [row["upsampler"] for row in doc["summary"]] == list(UPSAMPLERS)
-    assert len(doc["runs"]) == len(UPSAMPLERS)
+    assert len(doc["runs"]) == 2 * len(UPSAMPLERS)
     for run in doc["runs"]:
         assert run["step"] == 2 and run["start_step"] == 0
         assert [h["step"] for h in run["history"]] == [1, 2]  # --eval-every 1
@@ -183,30 +274,71 @@ def test_tiny_run_writes_results(runs):
             assert 0.0 <= run["final"][key] <= 1.0
         assert run["final"]["miou"] == pytest.approx(run["history"][-1]["miou"])
         assert (Path(run["checkpoint"]) / "2").is_dir()
-        if run["upsampler"].startswith("sapa"):
+        assert run["step_ms"] > 0
+        if run["upsampler"].startswith("sapa") and run["seed"] == 0:
             # Kernels rebuilt from the parameters reproduce the module's output.
             assert run["kernel_check_max_abs_err"] < 1e-4
+    by = {row["upsampler"]: row for row in doc["summary"]}
+    for name, row in by.items():
+        for key in ("miou_mean", "miou_std", "boundary_iou_mean", "boundary_iou_std",
+                    "params_added", "flops_added", "step_ms"):
+            assert row[key] is not None, (name, key)
+        diffs = [k for k in row if k.endswith("_diff_vs_bilinear")]
+        if name == "bilinear":
+            assert not diffs and row["params_added"] == 0 and row["flops_added"] == 0
+        else:
+            assert sorted(diffs) == ["boundary_iou_diff_vs_bilinear", "miou_diff_vs_bilinear"]
+            for k in diffs:
+                low, high = row[k]["ci95"]
+                assert low <= row[k]["mean"] <= high
+    # The cost columns: learned upsamplers add parameters, and SAPA adds FLOPs.
+    assert by["deconv"]["params_added"] > by["sapa-b"]["params_added"] > by["sapa-i"]["params_added"] > 0
+    assert by["sapa-b"]["flops_added"] > 0 and by["sapa-i"]["flops_added"] > 0
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["upsampler"] for r in rows] == list(UPSAMPLERS)
     for r in rows:
-        assert 0.0 <= float(r["miou_mean"]) <= 1.0 and float(r["miou_std"]) == 0.0
+        assert 0.0 <= float(r["miou_mean"]) <= 1.0 and float(r["miou_std"]) >= 0.0
         assert 0.0 <= float(r["boundary_iou_mean"]) <= 1.0
+        assert float(r["step_ms"]) > 0
+        if r["upsampler"] != "bilinear":
+            assert float(r["miou_diff_vs_bilinear_ci95_low"]) <= float(r["miou_diff_vs_bilinear"])
     with (out / "runs.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == len(UPSAMPLERS)
+        assert len(list(csv.DictReader(f))) == 2 * len(UPSAMPLERS)
 
 
 def test_tiny_run_writes_figures(runs):
     _ok(runs["tiny"])
     figures = runs["root"] / "tiny" / "figures"
-    expected = {"predictions_seed0.png"} | {f"kernels_{u}_seed0.png" for u in UPSAMPLERS
-                                            if u.startswith("sapa")}
+    expected = {"predictions_seed0.png", "feature_kernel_maps_seed0.png"} | {
+        f"kernels_{u}_seed0.png" for u in UPSAMPLERS if u.startswith("sapa")}
     assert {p.name for p in figures.glob("*.png")} == expected
     for name in expected:
         _png_is_nontrivial(figures / name)
     # One column per upsampler plus input and ground truth: wider than it is tall.
     width, height = Image.open(figures / "predictions_seed0.png").size
-    assert width > 1.5 * height
+    assert width > height
+
+
+def test_segformer_decoder_runs(runs):
+    _ok(runs["segformer"])
+    doc = json.loads((runs["root"] / "segformer" / "results.json").read_text())
+    assert doc["config"]["decoder"] == "segformer"
+    assert [r["upsampler"] for r in doc["summary"]] == ["nearest", "sapa-g"]
+    nearest, sapa = doc["summary"]
+    assert sapa["params"] > nearest["params"] and doc["figures"] == []
+    # No bilinear in this run: nothing to add to or pair with, said so rather than guessed.
+    assert sapa["params_added"] is None and sapa["miou_diff_vs_bilinear"] is None
+    assert "± n/a" in runs["segformer"]["stdout"]  # one seed: no spread, no interval
+
+
+def test_rerun_into_the_same_folder_is_refused(runs):
+    again = runs["again"]
+    assert again["rc"] == 2, again["stderr"][-3000:]
+    assert "already holds an earlier run" in again["stderr"]
+    assert "--overwrite" in again["stderr"] and "--resume" in again["stderr"]
+    assert "Traceback" not in again["stderr"]
+    assert runs["again_unchanged"]  # the earlier results are untouched
 
 
 def test_ctrl_c_on_4_devices_saves_and_exits_cleanly(runs):
@@ -237,7 +369,7 @@ def test_resume_continues_the_step_counter(runs):
 
 
 def test_batch_not_divisible_by_devices_fails_clearly(tmp_path):
-    proc = _launch(["--batch-size", "6", "--steps", "1", "--out", str(tmp_path)], 4,
+    proc = _launch(["--batch-size", "6", "--steps", "1", "--out", str(tmp_path / "out")], 4,
                    tmp_path / "bad")
     result = _finish(proc, tmp_path / "bad", timeout=120)
     assert result["rc"] == 2

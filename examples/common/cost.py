@@ -17,8 +17,8 @@ import numpy as np
 
 
 def param_count(params: Any) -> int:
-    """Number of scalars in a parameter pytree."""
-    return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
+    """Number of scalars in a parameter pytree (arrays or `jax.ShapeDtypeStruct`s)."""
+    return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
 @contextlib.contextmanager

@@ -115,3 +115,26 @@ def format_table(rows: Sequence[dict], metrics: Mapping[str, str],
         lines.append("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}"
                                for i, (c, (_, w)) in enumerate(zip(cells, head))))
     return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict], metrics: Mapping[str, str],
+                   baseline: str = BASELINE) -> str:
+    """The rows as a Markdown table (percent; difference to the baseline with its 95% CI and
+    the verdict: better / worse when the CI excludes 0, tie otherwise)."""
+    head = ["upsampler", "seeds"]
+    for title in metrics.values():
+        head += [f"{title} (%)", f"Δ vs {baseline} [95% CI]"]
+    head += ["params added", "MFLOPs added", "step (ms)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["upsampler"], str(r["seeds"])]
+        for m in metrics:
+            cells.append(stats.format_mean_std(r[f"{m}_mean"], r[f"{m}_std"]))
+            diff = r.get(f"{m}_diff_vs_{baseline}")
+            cells.append(f"{stats.format_difference(diff)} {stats.verdict(diff)}" if diff
+                         else "-")
+        cells.append("n/a" if r.get("params_added") is None else f"{r['params_added']:+,d}")
+        cells.append("n/a" if r.get("flops_added") is None else f"{r['flops_added'] / 1e6:+.1f}")
+        cells.append("n/a" if r.get("step_ms") is None else f"{r['step_ms']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

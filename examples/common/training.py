@@ -65,8 +65,10 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
 
 def warmup_cosine_adamw(lr: float, steps: int, weight_decay: float) -> optax.GradientTransformation:
     """AdamW, linear warm-up over 5% of the steps, cosine decay to 1% of `lr`."""
+    warmup = max(1, steps // 20)
+    # decay_steps counts the warm-up too; at least one decay step (a 1-step smoke run).
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=max(1, steps // 20), decay_steps=steps, end_value=lr * 0.01)
+        0.0, lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1), end_value=lr * 0.01)
     return optax.adamw(schedule, weight_decay=weight_decay)
 
 

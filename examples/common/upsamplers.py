@@ -122,17 +122,23 @@ class Upsampler(nn.Module):
       embedding_dim: query/key width of SAPA B/P/G and SAPA-D.
       normalizer: SAPA's kernel normaliser ("softmax", "relu", "sigmoid", "softplus", "none"
         where the installed core has it).
+      border: SAPA's border mode, "zeros" (parity with the official kernels) or "valid".
     """
     method: str
     scale: int = 2
     kernel_size: int = 5
     embedding_dim: int = 32
     normalizer: str = "softmax"
+    border: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array, guide: jax.Array | None = None) -> jax.Array:
         """x `(B, H, W, C)`, guide `(B, sH, sW, Cy)` or None -> `(B, sH, sW, C)`."""
         method = parse_upsampler(self.method)
+        # Inputs kept for the figures (feature and kernel maps); free unless asked for.
+        self.sow("intermediates", "x", x)
+        if guide is not None:
+            self.sow("intermediates", "y", guide)
         if method == "nearest":
             return nearest_up(x, self.scale)
         if method == "bilinear":
@@ -152,15 +158,13 @@ class Upsampler(nn.Module):
                                      compressed_channels=min(64, channels), name="carafe")(x)
         if guide is None:
             raise ValueError(f"upsampler {method!r} needs the guidance feature `guide`, got None")
-        # Inputs kept for the kernel-map figures; free unless asked for.
-        self.sow("intermediates", "y", guide)
-        self.sow("intermediates", "x", x)
         if method == "sapa-d":
             return sapa_linen.SAPADeform(embedding_dim=self.embedding_dim, scale=self.scale,
                                          name="sapa_d")(guide, x)
         return sapa_linen.SAPA(variant=method[-1].upper(), embedding_dim=self.embedding_dim,
                                kernel_size=self.kernel_size, scale=self.scale,
-                               normalizer=self.normalizer, name="sapa")(guide, x)
+                               normalizer=self.normalizer, border=self.border,
+                               name="sapa")(guide, x)
 
 
 def make_upsampler(name: str, **options) -> Upsampler:

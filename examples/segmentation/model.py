@@ -1,57 +1,63 @@
-"""A small encoder-decoder segmentation network (NHWC) whose decoder upsampler is a choice.
+"""Segmentation networks (NHWC) whose upsampling stages are the only thing that changes.
 
-Encoder: conv stages at 1, 1/2 and 1/4 resolution (their outputs are the skips) and a
-bottleneck at 1/8. Decoder: three 2x upsamplings back to full resolution, all with the chosen
-upsampler:
+The paper's protocol: "we only modify the upsampling stages". Every decoder below builds the
+same layers (names, shapes) for every upsampler, and the upsampler modules are the only
+parameters that differ (tests/test_examples.py checks this). A guided upsampler (SAPA) takes
+the encoder feature at the target resolution as its guidance; SAPA-I, which needs guidance of
+the decoder width, takes the lateral/projection of that feature that every upsampler's network
+has anyway.
 
-    nearest, bilinear         fixed kernels
-    sapa-i, sapa-b, sapa-p, sapa-g
-                              `sapa_jax.linen.SAPA` of that variant, guided by the encoder
-                              feature at the output resolution (y = skip, x = decoder feature)
+Encoder: `ConvBlock` stages, the first at full resolution, each next one after a 2x2 max-pool.
 
-The first two stages (1/8 -> 1/4 -> 1/2) are FPN-like: the upsampled feature plus a 1x1
-lateral projection of the skip, refined by a 3x3 conv. The last stage (1/2 -> 1) adds no skip
-and is followed only by the 1x1 classifier, as in decoders that predict at reduced resolution
-and upsample: how sharp the full-resolution boundaries are is then the upsampler's doing.
-SAPA can use the full-resolution encoder feature there as guidance; nearest and bilinear
-cannot. SAPA-I has no projections and needs Cy == Cx, so it is guided by a 1x1 projection of
-the skip to the decoder width; the other variants take the raw skip.
+Decoders (`--decoder`):
+
+    fpn            (default; FPN as in Faster R-CNN / MaskFormer) stages 1, 1/2, 1/4, 1/8:
+                   x = reduce(f3); for i = 2, 1, 0: x = conv(up(x) + lateral_i(f_i)).
+                   Laterals at every stage, the full-resolution one included. 3 upsamplers.
+    segformer      (SegFormer's all-MLP head, the paper's Table 2) stages 1/2 ... 1/16 (after a
+                   full-resolution stem): each projected to the decoder width, brought to the
+                   head resolution 1/2 by repeated 2x upsampling (3 + 2 + 1 = 6 upsamplers),
+                   concatenated, fused, classified at 1/2; the logits reach full resolution by
+                   the same bilinear resize for every upsampler.
+    upsampler-only the network of the first version of this example: as `fpn` but the last
+                   stage (1/2 -> 1) has no lateral and no conv, only the upsampler and the
+                   classifier. CAVEAT: nearest/bilinear then get no high-resolution
+                   information at all there while SAPA gets the encoder feature as guidance
+                   (and SAPA-I a full-resolution lateral that only it has): it measures how
+                   much of the skip connection an upsampler can replace, not the paper's
+                   comparison.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from sapa_jax.linen import SAPA
-from sapa_jax.modules import nearest_up
+from examples.common.upsamplers import Upsampler, bilinear, guide_same_width
 
-UPSAMPLERS = ("nearest", "bilinear", "sapa-i", "sapa-b", "sapa-p", "sapa-g")
+DECODERS = ("fpn", "segformer", "upsampler-only")
+# Encoder widths per stage (full resolution first) of each decoder.
+ENCODER_WIDTHS = {"fpn": (16, 32, 48, 64), "upsampler-only": (16, 32, 48, 64),
+                  "segformer": (16, 32, 48, 64, 64)}
 
 
-def parse_upsampler(name: str) -> str:
-    """Canonical (lower-case) upsampler name; ValueError naming the choices otherwise."""
-    if not isinstance(name, str) or name.strip().lower() not in UPSAMPLERS:
-        raise ValueError(f"upsampler must be one of {list(UPSAMPLERS)}, got {name!r}")
+def parse_decoder(name: str) -> str:
+    """Canonical decoder name; ValueError naming the choices otherwise."""
+    if not isinstance(name, str) or name.strip().lower() not in DECODERS:
+        raise ValueError(f"decoder must be one of {list(DECODERS)}, got {name!r}")
     return name.strip().lower()
 
 
-def bilinear2x(x):
-    """2x bilinear upsampling of (B, H, W, C), half-pixel centres, edges clamped.
+def size_multiple(decoder: str) -> int:
+    """Image sizes must be multiples of this (one halving per encoder stage after the first)."""
+    return 2 ** (len(ENCODER_WIDTHS[decoder]) - 1)
 
-    Equals `jax.image.resize(x, ..., "bilinear")` (PyTorch's align_corners=False) for a factor
-    of 2, where every output pixel mixes two inputs per axis with weights 3/4 and 1/4; written
-    out because the generic resize is several times slower to differentiate on CPU.
-    """
-    for axis in (1, 2):
-        n = x.shape[axis]
-        prev = jnp.take(x, jnp.maximum(jnp.arange(n) - 1, 0), axis=axis)
-        nxt = jnp.take(x, jnp.minimum(jnp.arange(n) + 1, n - 1), axis=axis)
-        even, odd = 0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt
-        x = jnp.stack([even, odd], axis=axis + 1)
-        x = x.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 2:])
-    return x
+
+def is_upsampler_param(path: Sequence[str]) -> bool:
+    """Whether a parameter path (top-level module name first) belongs to an upsampler."""
+    return str(path[0]).startswith("up")
 
 
 class ConvBlock(nn.Module):
@@ -68,55 +74,76 @@ class ConvBlock(nn.Module):
         return x
 
 
-class Upsample2x(nn.Module):
-    """Doubles the resolution of the decoder feature `x` with the chosen upsampler."""
-    method: str
-    kernel_size: int = 5
-    embedding_dim: int = 32
-
-    @nn.compact
-    def __call__(self, x, skip, lateral):
-        if self.method == "nearest":
-            return nearest_up(x, 2)
-        if self.method == "bilinear":
-            return bilinear2x(x)
-        variant = self.method[-1].upper()
-        guide = lateral if variant == "I" else skip
-        # Inputs kept for the kernel-map figure (figures.py); free unless asked for.
-        self.sow("intermediates", "y", guide)
-        self.sow("intermediates", "x", x)
-        return SAPA(variant=variant, embedding_dim=self.embedding_dim,
-                    kernel_size=self.kernel_size, scale=2, name="sapa")(guide, x)
-
-
 class Segmenter(nn.Module):
-    """Returns per-pixel class logits (B, S, S, num_classes) for images (B, S, S, 3); S % 8 == 0."""
+    """Per-pixel class logits (B, S, S, num_classes) for images (B, S, S, 3).
+
+    S must be a multiple of `size_multiple(decoder)`. Attributes: the decoder, the upsampler
+    name (examples.common.upsamplers) and its options, the decoder width.
+    """
+    decoder: str
     upsampler: str
     num_classes: int
-    widths: Sequence[int] = (16, 32, 48, 64)
     decoder_width: int = 32
     kernel_size: int = 5
     embedding_dim: int = 32
+    normalizer: str = "softmax"
+    border: str = "zeros"
+
+    @property
+    def figure_stage(self) -> str:
+        """The upsampler module whose output has the highest resolution (for the figures)."""
+        return "up2_1" if self.decoder == "segformer" else "up0"
+
+    def _up(self, name):
+        return Upsampler(self.upsampler, 2, self.kernel_size, self.embedding_dim,
+                         self.normalizer, self.border, name=name)
+
+    def _encode(self, images):
+        multiple = size_multiple(self.decoder)
+        if images.shape[1] % multiple or images.shape[2] % multiple:
+            raise ValueError(f"image height and width must be multiples of {multiple} for the "
+                             f"{self.decoder} decoder, got {images.shape[1:3]}")
+        x, feats = images, []
+        for i, features in enumerate(ENCODER_WIDTHS[self.decoder]):
+            if i:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = ConvBlock(features, depth=1 if i == 0 else 2, name=f"enc{i}")(x)
+            feats.append(x)
+        return feats
 
     @nn.compact
-    def __call__(self, images):
-        if images.shape[1] % 8 or images.shape[2] % 8:
-            raise ValueError(f"image height and width must be multiples of 8 (three 2x "
-                             f"down-samplings), got {images.shape[1:3]}")
-        x, skips = images, []
-        for i, features in enumerate(self.widths[:-1]):
-            x = ConvBlock(features, depth=1 if i == 0 else 2, name=f"enc{i}")(x)
-            skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = ConvBlock(self.widths[-1], name="bottleneck")(x)
-        x = nn.Conv(self.decoder_width, (1, 1), name="reduce")(x)
-        for i in reversed(range(len(skips))):
-            fuse = i > 0  # the last stage is the upsampler alone (see the module docstring)
+    def __call__(self, images: jax.Array) -> jax.Array:
+        decoder = parse_decoder(self.decoder)
+        feats = self._encode(images)
+        width = self.decoder_width
+        if decoder == "segformer":
+            return self._segformer(images, feats)
+        x = nn.Conv(width, (1, 1), name="reduce")(feats[-1])
+        for i in reversed(range(len(feats) - 1)):
+            last_bare = decoder == "upsampler-only" and i == 0
             lateral = None
-            if fuse or self.upsampler == "sapa-i":
-                lateral = nn.Conv(self.decoder_width, (1, 1), name=f"lateral{i}")(skips[i])
-            x = Upsample2x(self.upsampler, self.kernel_size, self.embedding_dim,
-                           name=f"up{i}")(x, skips[i], lateral)
-            if fuse:
-                x = ConvBlock(self.decoder_width, depth=1, name=f"dec{i}")(x + lateral)
+            if not last_bare or guide_same_width(self.upsampler):
+                lateral = nn.Conv(width, (1, 1), name=f"lateral{i}")(feats[i])
+            guide = lateral if guide_same_width(self.upsampler) else feats[i]
+            x = self._up(f"up{i}")(x, guide)
+            if not last_bare:
+                x = ConvBlock(width, depth=1, name=f"dec{i}")(x + lateral)
         return nn.Conv(self.num_classes, (1, 1), name="head")(x)
+
+    def _segformer(self, images, feats):
+        """Stages 1..4 (1/2 .. 1/16) -> head at 1/2 (stage 1's resolution)."""
+        width = self.decoder_width
+        proj = {j: nn.Conv(width, (1, 1), name=f"proj{j}")(feats[j])
+                for j in range(1, len(feats))}
+        gathered = []
+        for j in range(1, len(feats)):
+            x = proj[j]
+            for level in range(j - 1, 0, -1):  # from stage j's resolution down to stage 1's
+                guide = proj[level] if guide_same_width(self.upsampler) else feats[level]
+                # up{j}_{level}: stage j's path, output at stage `level`'s resolution
+                x = self._up(f"up{j}_{level}")(x, guide)
+            gathered.append(x)
+        x = nn.Conv(width, (1, 1), use_bias=False, name="fuse")(jnp.concatenate(gathered, -1))
+        x = nn.relu(nn.GroupNorm(num_groups=min(8, width), name="fuse_norm")(x))
+        logits = nn.Conv(self.num_classes, (1, 1), name="head")(x)
+        return bilinear(logits, images.shape[1] // logits.shape[1])

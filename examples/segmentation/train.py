@@ -1,27 +1,30 @@
-"""Train and evaluate the segmentation network once per (upsampler, seed); write table + figures.
+"""Train and evaluate the segmenter once per (upsampler, seed); write the table and figures.
 
-Data parallel over all local devices: a 1-D `Mesh` named "data", the batch sharded along it,
-parameters and optimiser state replicated; `jax.jit` inserts the gradient all-reduce. Fake
-several CPU devices with `XLA_FLAGS=--xla_force_host_platform_device_count=4`. (One process;
-several hosts would also need each process to feed only its own slice of the batch.)
+The protocol (docs/design.md §7): one decoder (`--decoder`), the same network, data, seeds and
+training budget for every upsampler; only the upsampling stages change. Seed s fixes both the
+initialisation (`examples.common.training.init_key`) and the training batches (`data.py`) of
+its run, for every upsampler alike; the validation set is the same for all runs. The report is
+mean ± sample std over seeds and the paired difference to bilinear with a Student-t 95% CI, and
+the cost columns (parameters and FLOPs added over bilinear, train-step time).
 
-Each run checkpoints (orbax) to <out>/checkpoints/<upsampler>_seed<seed>/ at every validation
-and at the end; `--resume` continues every run from its latest checkpoint (a finished run is
-only re-evaluated). Ctrl-C saves a checkpoint at the current step and exits with status 130;
-a second Ctrl-C stops at once.
+`--ablation` runs the paper's Table 6 in miniature on the chosen decoder instead of the
+`--upsamplers` list: similarity (SAPA-I/B/P/G), normaliser, kernel size and embedding width,
+each varied from the default SAPA-B (softmax, K=5, d=32), with bilinear as the baseline.
+
+Data parallel over all local devices (a 1-D mesh "data"; fake several CPU devices with
+`XLA_FLAGS=--xla_force_host_platform_device_count=4`). Checkpoints (orbax) go to
+<out>/checkpoints/<label>_seed<seed>/; `--resume` continues every run from its latest one;
+Ctrl-C checkpoints and exits with status 130. An existing non-empty --out is refused unless
+--resume or --overwrite is given (examples/common/outputs.py).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
-import functools
 import json
 import math
-import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,127 +32,129 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 import sapa_jax
+from examples.common import cost, report, training
+from examples.common import upsamplers as ups
+from examples.common.cli import add_run_arguments, check_unique, positive
+from examples.common.outputs import OutputExistsError, prepare_output
 
 from . import data, figures, metrics, model
 
 VAL_SEED = 2022  # the validation set is the same for every run, so runs compare on equal terms
-EXIT_INTERRUPTED = 130  # the shell's convention for "stopped by SIGINT"
+EXIT_INTERRUPTED = training.EXIT_INTERRUPTED
+METRICS = ("miou", "boundary_iou")
+DEFAULT_UPSAMPLERS = ups.available()  # every upsampler this build of sapa_jax has
+ABLATION_BASE = {"upsampler": "sapa-b", "normalizer": "softmax", "kernel_size": 5,
+                 "embedding_dim": 32}
+ABLATION = {"similarity": ("upsampler", ("sapa-i", "sapa-b", "sapa-p", "sapa-g")),
+            "normaliser": ("normalizer", ("none", "softmax", "relu", "sigmoid", "softplus")),
+            "kernel size": ("kernel_size", (3, 5, 7)),
+            "embedding dim": ("embedding_dim", (16, 32, 64, 128))}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    upsamplers: tuple[str, ...] = model.UPSAMPLERS
+    decoder: str = "fpn"
+    upsamplers: tuple[str, ...] = DEFAULT_UPSAMPLERS
     seeds: tuple[int, ...] = (0, 1)
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 8
     image_size: int = 32
     val_size: int = 64
     eval_every: int = 100
     log_every: int = 10
     lr: float = 3e-3
+    upsampler_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     band_width: int = 2
     kernel_size: int = 5
     embedding_dim: int = 32
+    normalizer: str = "softmax"
+    border: str = "zeros"
+    ablation: bool = False
     out: Path = Path("outputs/segmentation")
     resume: bool = False
+    overwrite: bool = False
     figures: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One network configuration, trained once per seed: a row of the table."""
+    label: str
+    upsampler: str
+    kernel_size: int
+    embedding_dim: int
+    normalizer: str
+    groups: tuple[str, ...] = ()  # ablation groups the row belongs to
+
+
 # ----------------------------------------------------------------------------- command line
-
-def _comma_list(kind, text):
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    try:
-        return tuple(kind(t) for t in items)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     p = argparse.ArgumentParser(
         prog="python -m examples.segmentation",
-        description="Train a small encoder-decoder segmenter on synthetic scenes (thin lines, "
-                    "rings, discs, polygons on textured backgrounds) once per decoder "
-                    "upsampler and seed, and compare mIoU and boundary IoU. The defaults finish "
-                    "in about five minutes on a 2-core CPU; raise --steps, --image-size and "
-                    "--seeds on a GPU.",
-        epilog="Writes <out>/results.json, results.csv (mean ± std per upsampler), runs.csv "
-               "(per seed), figures/*.png and checkpoints/. Several CPU devices: "
-               "XLA_FLAGS=--xla_force_host_platform_device_count=4. To reuse compilations "
-               "between invocations set JAX_COMPILATION_CACHE_DIR.",
+        description="Train a small segmenter on synthetic scenes (thin lines, rings, discs, "
+                    "polygons on textured backgrounds) once per upsampler and seed - the same "
+                    "network, data and seeds for every upsampler, only the upsampling stages "
+                    "change - and compare mIoU and boundary IoU (mean ± std, paired difference "
+                    "to bilinear with a t-based 95%% CI) and the cost columns. The defaults "
+                    "are a small configuration (about five minutes on a 2-core CPU).",
+        epilog="Writes <out>/results.json, results.csv (one row per upsampler), runs.csv (per "
+               "seed), figures/*.png and checkpoints/. Several CPU devices: "
+               "XLA_FLAGS=--xla_force_host_platform_device_count=4.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--upsamplers", type=functools.partial(_comma_list, model.parse_upsampler),
-                   default=d.upsamplers, help="comma-separated subset of "
-                   + ",".join(model.UPSAMPLERS))
-    p.add_argument("--seeds", type=functools.partial(_comma_list, int), default=d.seeds,
-                   help="comma-separated seeds (model init and training data); mean and std "
-                        "are taken over them")
-    p.add_argument("--steps", type=_positive, default=d.steps, help="training steps per run")
-    p.add_argument("--batch-size", type=_positive, default=d.batch_size,
-                   help="global batch size; must be divisible by the number of devices")
-    p.add_argument("--image-size", type=_positive, default=d.image_size,
-                   help="image height and width, a multiple of 8")
-    p.add_argument("--val-size", type=_positive, default=d.val_size,
-                   help="validation images (rounded up to a multiple of --batch-size)")
-    p.add_argument("--eval-every", type=_positive, default=d.eval_every,
-                   help="validate and checkpoint every this many steps (and at the end)")
-    p.add_argument("--log-every", type=_positive, default=d.log_every,
-                   help="refresh loss and throughput on the progress bar every this many steps")
+    p.add_argument("--decoder", type=model.parse_decoder, default=d.decoder,
+                   help="decoder: " + ", ".join(model.DECODERS) + " (see model.py; "
+                        "upsampler-only is the first version's network, with its caveat)")
+    add_run_arguments(p, upsamplers=d.upsamplers, seeds=d.seeds, steps=d.steps,
+                      batch_size=d.batch_size, image_size=d.image_size, val_size=d.val_size,
+                      eval_every=d.eval_every, log_every=d.log_every, out=d.out)
+    p.add_argument("--ablation", action="store_true",
+                   help="run the Table-6 ablation (similarity, normaliser, K, embedding dim; "
+                        "from SAPA-B) with bilinear as baseline, instead of --upsamplers")
     p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    p.add_argument("--upsampler-lr-scale", type=float, default=d.upsampler_lr_scale,
+                   help="learning rate of the upsamplers' own parameters (any learned "
+                        "upsampler alike) relative to --lr")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--band-width", type=_positive, default=d.band_width,
+    p.add_argument("--band-width", type=positive, default=d.band_width,
                    help="boundary IoU band: pixels within w pixels (Chebyshev) of another "
                         "ground-truth label")
-    p.add_argument("--kernel-size", type=_positive, default=d.kernel_size,
-                   help="SAPA window size K (odd)")
-    p.add_argument("--embedding-dim", type=_positive, default=d.embedding_dim,
-                   help="SAPA query/key width (variants B, P, G)")
-    p.add_argument("--out", type=Path, default=d.out, help="output folder")
-    p.add_argument("--resume", action="store_true",
-                   help="continue each run from its latest checkpoint in --out")
-    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=d.figures,
-                   help="draw the PNG figures")
+    p.add_argument("--kernel-size", type=positive, default=d.kernel_size,
+                   help="K of SAPA and CARAFE (odd)")
+    p.add_argument("--embedding-dim", type=positive, default=d.embedding_dim,
+                   help="SAPA query/key width (variants B, P, G and SAPA-D)")
+    p.add_argument("--normalizer", default=d.normalizer,
+                   help="SAPA's kernel normaliser: softmax, relu, sigmoid, softplus (none where "
+                        "the installed core has it)")
+    p.add_argument("--border", choices=("zeros", "valid"), default=d.border,
+                   help="SAPA's border mode: zeros (out-of-map taps take part with logit 0 and "
+                        "value 0, as the official kernels) or valid (they are left out)")
     return p
-
-
-def check_batch_size(batch_size: int, device_count: int) -> None:
-    """The batch axis is split evenly over the devices of the mesh."""
-    if batch_size % device_count:
-        raise ValueError(
-            f"--batch-size must be divisible by the number of devices ({device_count}) to "
-            f"shard the batch evenly, got {batch_size}; use e.g. "
-            f"{max(device_count, batch_size // device_count * device_count)}")
 
 
 def parse_args(argv=None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.image_size % 8:
-        parser.error(f"--image-size must be a multiple of 8 (the network halves it three "
-                     f"times), got {args.image_size}")
+    multiple = model.size_multiple(args.decoder)
+    if args.image_size % multiple:
+        parser.error(f"--image-size must be a multiple of {multiple} for the {args.decoder} "
+                     f"decoder, got {args.image_size}")
     if args.kernel_size % 2 == 0:
         parser.error(f"--kernel-size must be odd, got {args.kernel_size}")
-    if len(set(args.seeds)) != len(args.seeds) or len(set(args.upsamplers)) != len(args.upsamplers):
-        parser.error("--seeds and --upsamplers must not repeat an entry")
+    if args.normalizer not in normalizers_available():
+        parser.error(f"--normalizer must be one of {list(normalizers_available())}, got "
+                     f"{args.normalizer!r}")
+    if args.upsampler_lr_scale <= 0:
+        parser.error(f"--upsampler-lr-scale must be > 0, got {args.upsampler_lr_scale}")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    check_unique(parser, seeds=args.seeds, upsamplers=args.upsamplers)
     try:
-        check_batch_size(args.batch_size, jax.local_device_count())
+        training.check_batch_size(args.batch_size, jax.local_device_count())
     except ValueError as err:
         parser.error(str(err))
     val_size = math.ceil(args.val_size / args.batch_size) * args.batch_size
@@ -158,86 +163,102 @@ def parse_args(argv=None) -> Config:
     return Config(**{**values, "val_size": val_size, "out": args.out.resolve()})
 
 
+def normalizers_available() -> tuple[str, ...]:
+    """SAPA normalisers of the installed core ("none" arrives with a later sapa_jax)."""
+    return tuple(sapa_jax._checks.NORMALIZERS)
+
+
+def experiments(cfg: Config) -> tuple[list[Experiment], list[dict]]:
+    """The rows to train, and the ablation rows skipped because this build lacks them."""
+    if not cfg.ablation:
+        return [Experiment(u, u, cfg.kernel_size, cfg.embedding_dim, cfg.normalizer)
+                for u in cfg.upsamplers], []
+    rows = {"bilinear": Experiment("bilinear", "bilinear", 5, 32, "softmax", ("baseline",))}
+    skipped = []
+    for group, (field, values) in ABLATION.items():
+        for value in values:
+            setting = {**ABLATION_BASE, field: value}
+            label = setting["upsampler"] + "".join(
+                f" {short}={setting[key]}" for key, short in
+                (("normalizer", "norm"), ("kernel_size", "K"), ("embedding_dim", "d"))
+                if setting[key] != ABLATION_BASE[key])
+            if setting["normalizer"] not in normalizers_available():
+                skipped.append({"label": label, "group": group,
+                                "reason": f"normalizer {setting['normalizer']!r} is not in "
+                                          f"this build's sapa_jax"})
+                continue
+            if label in rows:
+                rows[label] = dataclasses.replace(rows[label], groups=rows[label].groups + (group,))
+            else:
+                rows[label] = Experiment(label, setting["upsampler"], setting["kernel_size"],
+                                         setting["embedding_dim"], setting["normalizer"], (group,))
+    return list(rows.values()), skipped
+
+
 # ----------------------------------------------------------------------------- training
 
 @dataclasses.dataclass
 class Trainer:
-    """Jitted init / train / predict functions of one upsampler (shared by all its seeds)."""
+    """Jitted init / train / predict functions of one experiment (shared by all its seeds)."""
     net: model.Segmenter
     init: callable
     train_step: callable
     predict: callable
 
 
-def make_trainer(cfg: Config, upsampler: str, mesh: Mesh) -> Trainer:
-    net = model.Segmenter(upsampler, data.NUM_CLASSES, kernel_size=cfg.kernel_size,
-                       embedding_dim=cfg.embedding_dim)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, warmup_steps=max(1, cfg.steps // 20), decay_steps=cfg.steps,
-        end_value=cfg.lr * 0.01)
-    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch = NamedSharding(mesh, PartitionSpec("data"))
+def make_net(cfg: Config, exp: Experiment) -> model.Segmenter:
+    return model.Segmenter(cfg.decoder, exp.upsampler, data.NUM_CLASSES,
+                           kernel_size=exp.kernel_size, embedding_dim=exp.embedding_dim,
+                           normalizer=exp.normalizer, border=cfg.border)
 
-    @functools.partial(jax.jit, out_shardings=replicated)
-    def init(key):
-        dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-        params = net.init(key, dummy)["params"]
-        return train_state.TrainState.create(apply_fn=net.apply, params=params, tx=tx)
 
-    # Donating the state lets XLA update parameters in place.
-    @functools.partial(jax.jit, in_shardings=(replicated, batch, batch),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-    def train_step(state, images, labels):
-        def loss_fn(params):
-            logits = net.apply({"params": params}, images)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(grads=grads), loss
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine; the upsamplers' parameters at `upsampler_lr_scale` x lr."""
+    def make(scale):
+        return training.warmup_cosine_adamw(cfg.lr * scale, cfg.steps, cfg.weight_decay)
+    if cfg.upsampler_lr_scale == 1.0:
+        return make(1.0)
 
-    @functools.partial(jax.jit, in_shardings=(replicated, batch), out_shardings=batch)
+    def labels(params):
+        return {name: jax.tree_util.tree_map(
+            lambda _: "upsampler" if model.is_upsampler_param([name]) else "rest", sub)
+            for name, sub in params.items()}
+    return optax.multi_transform({"upsampler": make(cfg.upsampler_lr_scale), "rest": make(1.0)},
+                                 labels)
+
+
+def make_trainer(cfg: Config, exp: Experiment, mesh) -> Trainer:
+    net = make_net(cfg, exp)
+    dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+
+    def loss(params, images, labels):
+        logits = net.apply({"params": params}, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    init, train_step = training.jit_train_functions(
+        lambda key: net.init(key, dummy)["params"], loss, make_optimizer(cfg), mesh,
+        apply_fn=net.apply)
+
+    @jax.jit
     def predict(params, images):
         return jnp.argmax(net.apply({"params": params}, images), axis=-1).astype(jnp.int32)
 
     return Trainer(net, init, train_step, predict)
 
 
-class StopFlag:
-    """SIGINT handler for the duration of a `with` block: the first Ctrl-C asks the training
-    loop to checkpoint and stop at the next step boundary; a second one interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._installed, self._previous = False, None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("\nCtrl-C: saving a checkpoint and stopping (press again to abort now)")
-
-    def __enter__(self):
-        # Signal handlers can only be set from the main thread; elsewhere Ctrl-C stays default.
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc):
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+def costs_of(trainer: Trainer, cfg: Config) -> dict:
+    """Parameters and the FLOPs of a one-image forward (XLA cost analysis)."""
+    params = jax.eval_shape(trainer.init, training.init_key(0)).params
+    image = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    return {"params": cost.param_count(params),
+            "flops": cost.forward_flops(lambda p, x: trainer.net.apply({"params": p}, x),
+                                        params, image)}
 
 
-def shard_batch(mesh: Mesh, *arrays):
-    """Host NumPy arrays -> global arrays split along the batch axis over the mesh."""
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return tuple(jax.device_put(a, sharding) for a in arrays)
-
-
-def predict_all(trainer: Trainer, params, mesh: Mesh, images, batch_size: int) -> np.ndarray:
+def predict_all(trainer: Trainer, params, mesh, images, batch_size: int) -> np.ndarray:
     chunks = []
     for start in range(0, len(images), batch_size):
-        (chunk,) = shard_batch(mesh, images[start:start + batch_size])
+        (chunk,) = training.shard_batch(mesh, images[start:start + batch_size])
         chunks.append(trainer.predict(params, chunk))
     return np.concatenate([np.asarray(c) for c in chunks])
 
@@ -248,218 +269,124 @@ def evaluate(trainer, params, mesh, val, cfg: Config) -> tuple[dict, np.ndarray]
     return metrics.segmentation_scores(pred, labels, data.NUM_CLASSES, cfg.band_width), pred
 
 
-def run_name(upsampler: str, seed: int) -> str:
-    return f"{upsampler}_seed{seed}"
+def run_name(label: str, seed: int) -> str:
+    return f"{label.replace(' ', '_').replace('=', '')}_seed{seed}"
 
 
-def train_run(cfg: Config, trainer: Trainer, upsampler: str, seed: int, mesh: Mesh, val,
-              stop: StopFlag):
-    """Train (or resume) one run; returns (record, state), `record["interrupted"]` if stopped."""
-    ckpt_dir = cfg.out / "checkpoints" / run_name(upsampler, seed)
-    if not cfg.resume and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # a fresh run must not pick up an older run's steps
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True))
-    # "rbg": partitionable threefry makes XLA spend seconds compiling the initialisers on CPU.
-    key = jax.random.key(seed, impl="rbg")
-    history, start = [], 0
-    if cfg.resume and manager.latest_step() is not None:
-        start = manager.latest_step()
-        abstract = trainer.init.eval_shape(key)  # shapes, dtypes and shardings to restore into
-        try:
-            restored = manager.restore(start, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-        except (ValueError, KeyError) as err:
-            raise SystemExit(
-                f"error: the checkpoint at step {start} in {ckpt_dir} does not fit this "
-                f"configuration (was it written with other --kernel-size/--embedding-dim?); "
-                f"drop --resume or choose another --out. ({type(err).__name__}: {err})"
-            ) from None
-        state, history = restored.state, list(restored.history)
-    else:
-        state = trainer.init(key)
+def train_run(cfg: Config, trainer: Trainer, exp: Experiment, seed: int, mesh, val,
+              stop: training.StopFlag):
+    """Train (or resume) one run; returns (record, state)."""
+    loop = training.LoopConfig(cfg.steps, cfg.eval_every, cfg.log_every, cfg.batch_size,
+                               cfg.resume)
 
-    def save(step):
-        if manager.latest_step() != step:
-            manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
+    def scores(params):
+        s, _ = evaluate(trainer, params, mesh, val, cfg)
+        return {m: s[m] for m in METRICS}
 
-    step, interrupted = start, False
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"{upsampler:>8} seed {seed}", unit="step",
-               dynamic_ncols=True)
-    clock = time.perf_counter
-    first_step_seconds = None  # the first step of this process includes compilation
-    timed_seconds, timed_steps = 0.0, 0
-    t_window, n_window = clock(), 0
-    try:
-        while step < cfg.steps:
-            if stop.requested:
-                interrupted = True
-                break
-            images, labels = shard_batch(mesh, *data.train_batch(seed, step, cfg.batch_size,
-                                                                 cfg.image_size))
-            state, loss = trainer.train_step(state, images, labels)
-            step += 1
-            n_window += 1
-            bar.update(1)
-            evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
-            if (first_step_seconds is None or evaluate_now or step % cfg.log_every == 0):
-                loss_value = float(loss)  # waits for the step: throughput measured, not queued
-                now = clock()
-                if first_step_seconds is None:
-                    first_step_seconds = now - t_window
-                else:
-                    timed_seconds += now - t_window
-                    timed_steps += n_window
-                    bar.set_postfix(loss=f"{loss_value:.3f}",
-                                    img_s=f"{n_window * cfg.batch_size / (now - t_window):.1f}")
-                t_window, n_window = now, 0
-            if evaluate_now:
-                scores, _ = evaluate(trainer, state.params, mesh, val, cfg)
-                history.append({"step": step, "loss": loss_value, "miou": scores["miou"],
-                                "boundary_iou": scores["boundary_iou"]})
-                bar.write(f"  {upsampler} seed {seed} step {step}: loss {loss_value:.4f}  "
-                          f"mIoU {scores['miou']:.4f}  boundary IoU {scores['boundary_iou']:.4f}")
-                save(step)
-                t_window = clock()  # validation is not training time
-        if step > start:
-            save(step)
-    finally:  # on a second Ctrl-C the state may be mid-step (donated): keep older checkpoints
-        bar.close()
-        manager.wait_until_finished()
-        manager.close()
-    record = {"upsampler": upsampler, "seed": seed, "start_step": start, "step": step,
-              "interrupted": interrupted, "history": history, "checkpoint": str(ckpt_dir),
-              "first_step_seconds": None if first_step_seconds is None
-              else round(first_step_seconds, 2),
-              "images_per_second": round(timed_steps * cfg.batch_size / timed_seconds, 1)
-              if timed_steps else None}
-    return record, state
+    record, state = training.train_loop(
+        exp.label, seed, loop, init=trainer.init, train_step=trainer.train_step,
+        batch=lambda step: data.train_batch(seed, step, cfg.batch_size, cfg.image_size),
+        evaluate=scores, mesh=mesh, ckpt_dir=cfg.out / "checkpoints" / run_name(exp.label, seed),
+        stop=stop, mismatch_hint=" (was it written with another --decoder, --kernel-size or "
+                                 "--embedding-dim?)")
+    return {"label": exp.label, "upsampler": exp.upsampler, **record}, state
 
 
 # ----------------------------------------------------------------------------- reporting
 
-def _mean_std(values):
-    values = np.asarray(values, np.float64)
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return float(np.mean(values)), std
-
-
-def summarise(runs: list[dict], upsamplers) -> list[dict]:
-    """One row per upsampler: mean and sample std (ddof=1; 0 for one seed) over seeds."""
-    rows = []
-    for ups in upsamplers:
-        done = [r for r in runs if r["upsampler"] == ups and "final" in r]
-        if not done:
-            continue
-        miou = _mean_std([r["final"]["miou"] for r in done])
-        biou = _mean_std([r["final"]["boundary_iou"] for r in done])
-        rows.append({"upsampler": ups, "seeds": len(done),
-                     "miou_mean": miou[0], "miou_std": miou[1],
-                     "boundary_iou_mean": biou[0], "boundary_iou_std": biou[1]})
-    return rows
-
-
-def format_table(rows, band_width: int) -> str:
-    """Plain-text table of `summarise` rows, in percent: mean ± std over seeds."""
-    head = (f"{'upsampler':<10} {'seeds':>5}  {'mIoU (%)':>15}  "
-            f"{f'boundary IoU, w={band_width} (%)':>26}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        miou = f"{100 * r['miou_mean']:.2f} ± {100 * r['miou_std']:.2f}"
-        biou = f"{100 * r['boundary_iou_mean']:.2f} ± {100 * r['boundary_iou_std']:.2f}"
-        lines.append(f"{r['upsampler']:<10} {r['seeds']:>5}  {miou:>15}  {biou:>26}")
-    return "\n".join(lines)
-
-
-def write_results(cfg: Config, runs, rows, extra: dict) -> dict:
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": cfg.out / "results.json", "csv": cfg.out / "results.csv",
-             "runs_csv": cfg.out / "runs.csv"}
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    doc = {"config": config, **extra, "summary": rows, "runs": runs}
-    paths["json"].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["upsampler"])
-        writer.writeheader()
-        writer.writerows(rows)
-    with paths["runs_csv"].open("w", newline="") as f:
+def write_runs_csv(path: Path, runs) -> None:
+    with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["upsampler", "seed", "step", "miou", "boundary_iou", "pixel_accuracy",
-                         "images_per_second"])
+                         "step_ms", "images_per_second"])
         for r in runs:
             if "final" in r:
-                writer.writerow([r["upsampler"], r["seed"], r["step"], r["final"]["miou"],
+                writer.writerow([r["label"], r["seed"], r["step"], r["final"]["miou"],
                                  r["final"]["boundary_iou"], r["final"]["pixel_accuracy"],
-                                 r["images_per_second"]])
-    return paths
+                                 r["step_ms"], r["images_per_second"]])
+
+
+def table_metrics(cfg: Config) -> dict:
+    return {"miou": "mIoU", "boundary_iou": f"boundary IoU, w={cfg.band_width}"}
 
 
 # ----------------------------------------------------------------------------- main
 
-def run(cfg: Config, stop: StopFlag | None = None) -> dict:
+def run(cfg: Config, stop: training.StopFlag | None = None) -> dict:
     """All runs of `cfg`; returns the results document (also written to `cfg.out`)."""
-    stop = stop or StopFlag()
+    stop = stop or training.StopFlag()
+    out = prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
     devices = jax.local_devices()
-    check_batch_size(cfg.batch_size, len(devices))
-    mesh = Mesh(np.array(devices), ("data",))
+    training.check_batch_size(cfg.batch_size, len(devices))
+    mesh = training.make_mesh()
     val = data.validation_set(VAL_SEED, cfg.val_size, cfg.image_size)
-    fig_dir = cfg.out / "figures"
-    runs, predictions, figure_paths, interrupted = [], {}, [], False
+    exps, skipped = experiments(cfg)
+    for s in skipped:
+        print(f"skipped {s['label']!r} ({s['group']}): {s['reason']}", file=sys.stderr)
+    runs, costs, trained, interrupted = [], {}, {}, False
     started = time.perf_counter()
-    for upsampler in cfg.upsamplers:
-        trainer = make_trainer(cfg, upsampler, mesh)
+    for exp in exps:
+        trainer = make_trainer(cfg, exp, mesh)
+        costs[exp.label] = costs_of(trainer, cfg)
         for seed in cfg.seeds:
             if stop.requested:
                 interrupted = True
                 break
-            record, state = train_run(cfg, trainer, upsampler, seed, mesh, val, stop)
+            record, state = train_run(cfg, trainer, exp, seed, mesh, val, stop)
             runs.append(record)
             if record["interrupted"]:
                 interrupted = True
                 break
-            scores, pred = evaluate(trainer, state.params, mesh, val, cfg)
-            record["final"] = scores
-            predictions.setdefault(seed, {})[upsampler] = pred[:figures.SHOWN_IMAGES]
-            if cfg.figures and upsampler.startswith("sapa") and seed == cfg.seeds[0]:
-                path = fig_dir / f"kernels_{run_name(upsampler, seed)}.png"
-                record["kernel_check_max_abs_err"] = figures.kernel_figure(
-                    trainer.net, state.params, val, path)
-                figure_paths.append(path)
+            record["final"], pred = evaluate(trainer, state.params, mesh, val, cfg)
+            if seed == cfg.seeds[0]:
+                trained[exp.label] = (trainer.net, state.params, pred)
         if interrupted:
             break
-    if cfg.figures:
-        for seed, preds in predictions.items():
-            path = fig_dir / f"predictions_seed{seed}.png"
-            figures.prediction_figure(val, preds, path, cfg.band_width)
-            figure_paths.append(path)
-    rows = summarise(runs, cfg.upsamplers)
-    extra = {"devices": len(devices), "platform": devices[0].platform,
-             "sapa_core": sapa_jax.core.resolve_impl("auto", jnp.float32),
-             "interrupted": interrupted, "wall_seconds": round(time.perf_counter() - started, 1),
-             "figures": [str(p) for p in figure_paths]}
-    paths = write_results(cfg, runs, rows, extra)
-    extra["paths"] = {k: str(v) for k, v in paths.items()}
-    return {"summary": rows, "runs": runs, **extra}
+    figure_paths = []
+    if cfg.figures and trained and not interrupted:
+        figure_paths = figures.all_figures(trained, val, out / "figures", cfg.seeds[0],
+                                           cfg.band_width, runs)
+    labels = [e.label for e in exps]
+    extra = {e.label: {"ablation": list(e.groups)} for e in exps} if cfg.ablation else None
+    rows = report.summarise(runs, labels, METRICS, costs, extra=extra)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    doc = {"config": config, "devices": len(devices), "platform": devices[0].platform,
+           "sapa_core": sapa_jax.core.resolve_impl("auto", jnp.float32),
+           "interrupted": interrupted, "wall_seconds": round(time.perf_counter() - started, 1),
+           "flops_note": "FLOPs of a one-image forward at --image-size, XLA cost analysis of "
+                         "the jnp formulation",
+           "ci_method": "Student-t 95% interval of the per-seed paired difference",
+           "skipped": skipped, "figures": [str(p) for p in figure_paths], "runs": runs}
+    paths = report.write_results(out, doc, rows)
+    paths["runs_csv"] = out / "runs.csv"
+    write_runs_csv(paths["runs_csv"], runs)
+    return {**doc, "summary": rows, "paths": {k: str(v) for k, v in paths.items()}}
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     devices = jax.local_devices()
+    exps, _ = experiments(cfg)
     print(f"{len(devices)} {devices[0].platform} device(s); SAPA core: "
-          f"{sapa_jax.core.resolve_impl('auto', jnp.float32)}; "
-          f"{len(cfg.upsamplers)} upsampler(s) x {len(cfg.seeds)} seed(s), {cfg.steps} steps, "
-          f"batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size}; output: {cfg.out}")
+          f"{sapa_jax.core.resolve_impl('auto', jnp.float32)}; decoder {cfg.decoder}; "
+          f"{len(exps)} {'ablation setting' if cfg.ablation else 'upsampler'}(s) x "
+          f"{len(cfg.seeds)} seed(s), {cfg.steps} steps, batch {cfg.batch_size}, "
+          f"{cfg.image_size}x{cfg.image_size}; output: {cfg.out}")
     try:
-        with StopFlag() as stop:
+        with training.StopFlag() as stop:
             result = run(cfg, stop)
+    except OutputExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nAborted (second Ctrl-C); checkpoints written so far are kept. "
               "Rerun with --resume to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result["summary"]:
         print()
-        print(format_table(result["summary"], cfg.band_width))
+        print(report.format_table(result["summary"], table_metrics(cfg)))
+        print("(mean ± sample std over seeds, n/a for one seed; difference to bilinear paired "
+              "by seed with a Student-t 95% CI; params/FLOPs added over bilinear)")
     print(f"\nResults: {result['paths']['json']}\n         {result['paths']['csv']}"
           f"\n         {result['paths']['runs_csv']}")
     if result["figures"]:
