@@ -141,6 +141,7 @@ def test_batch_not_divisible_by_the_mesh():
 def test_example_train_step_is_batch_parallel():
     """The example's own jitted train step (SAPA decoder, data parallel): same loss as on one
     device, and no all-gather in the compiled step."""
+    from examples.common import training
     from examples.segmentation import data, train
 
     cfg = train.Config(image_size=16, batch_size=8, steps=10, kernel_size=3, embedding_dim=8)
@@ -148,9 +149,11 @@ def test_example_train_step_is_batch_parallel():
 
     def run(devices):
         mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
-        trainer = train.make_trainer(cfg, "sapa-b", mesh)
+        exp = train.Experiment("sapa-b", "sapa-b", cfg.kernel_size, cfg.embedding_dim,
+                               cfg.normalizer)
+        trainer = train.make_trainer(cfg, exp, mesh)
         state = trainer.init(jax.random.PRNGKey(0))
-        batch = train.shard_batch(mesh, images, labels)
+        batch = training.shard_batch(mesh, images, labels)
         compiled = trainer.train_step.lower(state, *batch).compile().as_text()
         _, loss = trainer.train_step(state, *batch)
         return float(loss), compiled
