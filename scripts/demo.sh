@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install sapa-jax with the example extras and run the main demo: the small configuration of the
 # segmentation experiment (one FPN network, only the upsampler changes: nearest, bilinear, deconv,
-# CARAFE, SAPA-I/B/P/G, SAPA-D), compared on mIoU and boundary IoU with paired CIs vs bilinear.
+# CARAFE, SAPA-I/B/P/G; SAPA-D on request), compared on mIoU and boundary IoU with paired CIs vs bilinear.
 # Extra arguments go to the example, e.g. `bash scripts/demo.sh --steps 100` (a rerun into the
 # same output folder needs --overwrite or --resume).
 set -euo pipefail
