@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+import sapa_jax
+
+from . import outputs, training
 from . import upsamplers as ups
 
 
@@ -69,3 +76,40 @@ def check_unique(parser: argparse.ArgumentParser, **lists: Sequence) -> None:
         if len(set(values)) != len(values):
             parser.error(f"--{name.replace('_', '-')} must not repeat an entry, got "
                          f"{','.join(map(str, values))}")
+
+
+def run_main(cfg: Any, run: Callable[[Any, Any], dict], describe: str,
+             table: Callable[[list[dict]], str]) -> int:
+    """The `main` of an example: print what will run, `run(cfg, stop)` under a StopFlag, then
+    the summary table, the output paths and the wall time.
+
+    describe follows the device / SAPA-core header (e.g. "3 upsampler(s) x 2 seed(s), ...");
+    table(rows) formats the summary rows. Returns the exit status: 0, 2 when the output folder
+    exists (without --overwrite / --resume), training.EXIT_INTERRUPTED after Ctrl-C.
+    """
+    devices = jax.local_devices()
+    print(f"{len(devices)} {devices[0].platform} device(s); SAPA core: "
+          f"{sapa_jax.core.resolve_impl('auto', jnp.float32)}; {describe}; output: {cfg.out}")
+    try:
+        with training.StopFlag() as stop:
+            result = run(cfg, stop)
+    except outputs.OutputExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nAborted (second Ctrl-C); checkpoints written so far are kept. "
+              "Rerun with --resume to continue.", file=sys.stderr)
+        return training.EXIT_INTERRUPTED
+    if result["summary"]:
+        print()
+        print(table(result["summary"]))
+    print(f"\nResults: {result['paths']['json']}\n         {result['paths']['csv']}"
+          f"\n         {result['paths']['runs_csv']}")
+    if result["figures"]:
+        print(f"Figures: {cfg.out / 'figures'} ({len(result['figures'])} PNG files)")
+    print(f"Wall time: {result['wall_seconds']:.0f} s")
+    if result["interrupted"]:
+        print("Interrupted: checkpoints saved; rerun the same command with --resume to continue.",
+              file=sys.stderr)
+        return training.EXIT_INTERRUPTED
+    return 0

@@ -16,11 +16,18 @@ In results.csv a difference becomes three columns, `<m>_diff_vs_<baseline>` (the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+import sapa_jax
 
 from . import stats
 
@@ -138,3 +145,38 @@ def markdown_table(rows: Sequence[dict], metrics: Mapping[str, str],
         cells.append("n/a" if r.get("step_ms") is None else f"{r['step_ms']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_runs_csv(path: Path, runs: Sequence[dict], metrics: Sequence[str],
+                   timings: Sequence[str] = ("step_ms",)) -> None:
+    """One row per finished run: label, seed, step, its final metrics and its timings."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["upsampler", "seed", "step", *metrics, *timings])
+        for r in runs:
+            if "final" in r:
+                writer.writerow([r["label"], r["seed"], r["step"],
+                                 *(r["final"][m] for m in metrics), *(r[t] for t in timings)])
+
+
+def write_all(out: Path, cfg: Any, runs: Sequence[dict], rows: Sequence[dict], *,
+              interrupted: bool, started: float, figure_paths: Sequence[Path],
+              run_metrics: Sequence[str], run_timings: Sequence[str] = ("step_ms",),
+              **notes: Any) -> dict:
+    """The results document of an example's `run`, written to out/results.json, results.csv
+    and runs.csv; returns it with `summary` (= rows) and `paths` (name -> str path).
+
+    cfg is the example's Config dataclass (paths written as strings); `started` is the
+    time.perf_counter() value when training began; `notes` (e.g. what the metrics mean) go
+    into the document after `wall_seconds`.
+    """
+    devices = jax.local_devices()
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    doc = {"config": config, "devices": len(devices), "platform": devices[0].platform,
+           "sapa_core": sapa_jax.core.resolve_impl("auto", jnp.float32),
+           "interrupted": interrupted, "wall_seconds": round(time.perf_counter() - started, 1),
+           **notes, "figures": [str(p) for p in figure_paths], "runs": list(runs)}
+    paths = write_results(out, doc, rows)
+    paths["runs_csv"] = out / "runs.csv"
+    write_runs_csv(paths["runs_csv"], runs, run_metrics, run_timings)
+    return {**doc, "summary": list(rows), "paths": {k: str(v) for k, v in paths.items()}}

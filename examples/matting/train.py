@@ -16,11 +16,9 @@ exits with status 130; a second Ctrl-C stops at once.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-import sapa_jax
 from examples.common import cli, cost, outputs, report, stats, training
 from examples.common import upsamplers as ups
 
@@ -206,17 +203,6 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_runs_csv(path: Path, runs) -> None:
-    """One row per finished run: its errors and step time."""
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["upsampler", "seed", "step", *METRICS, "step_ms"])
-        for r in runs:
-            if "final" in r:
-                writer.writerow([r["label"], r["seed"], r["step"],
-                                 *(r["final"][k] for k in METRICS), r["step_ms"]])
-
-
 # ----------------------------------------------------------------------------- main
 
 def run(cfg: Config, stop: training.StopFlag | None = None) -> dict:
@@ -267,47 +253,16 @@ def run(cfg: Config, stop: training.StopFlag | None = None) -> dict:
             path = out / "figures" / f"alpha_seed{seed}.png"
             figure_paths.append(figures.prediction_figure(val, preds, path))
     rows = report.summarise(runs, cfg.upsamplers, list(METRICS), costs=run_costs)
-    devices = jax.local_devices()
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    doc = {"config": config, "devices": len(devices), "platform": devices[0].platform,
-           "sapa_core": sapa_jax.core.resolve_impl("auto", jnp.float32),
-           "interrupted": interrupted, "wall_seconds": round(time.perf_counter() - started, 1),
-           "metrics": "mean over validation images of SAD, MSE, Grad, Conn over the trimap's "
-                      "unknown region (sums not divided by 1000); lower is better",
-           "figures": [str(p) for p in figure_paths], "runs": runs}
-    paths = report.write_results(out, doc, rows)
-    paths["runs_csv"] = out / "runs.csv"
-    write_runs_csv(paths["runs_csv"], runs)
-    return {**doc, "summary": rows, "paths": {k: str(v) for k, v in paths.items()}}
+    return report.write_all(
+        out, cfg, runs, rows, interrupted=interrupted, started=started,
+        figure_paths=figure_paths, run_metrics=list(METRICS),
+        metrics="mean over validation images of SAD, MSE, Grad, Conn over the trimap's "
+                "unknown region (sums not divided by 1000); lower is better")
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    devices = jax.local_devices()
-    print(f"{len(devices)} {devices[0].platform} device(s); SAPA core: "
-          f"{sapa_jax.core.resolve_impl('auto', jnp.float32)}; "
-          f"{len(cfg.upsamplers)} upsampler(s) x {len(cfg.seeds)} seed(s), {cfg.steps} steps, "
-          f"batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size}; output: {cfg.out}")
-    try:
-        with training.StopFlag() as stop:
-            result = run(cfg, stop)
-    except outputs.OutputExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nAborted (second Ctrl-C); checkpoints written so far are kept. "
-              "Rerun with --resume to continue.", file=sys.stderr)
-        return training.EXIT_INTERRUPTED
-    if result["summary"]:
-        print()
-        print(format_table(result["summary"]))
-    print(f"\nResults: {result['paths']['json']}\n         {result['paths']['csv']}"
-          f"\n         {result['paths']['runs_csv']}")
-    if result["figures"]:
-        print(f"Figures: {cfg.out / 'figures'} ({len(result['figures'])} PNG files)")
-    print(f"Wall time: {result['wall_seconds']:.0f} s")
-    if result["interrupted"]:
-        print("Interrupted: checkpoints saved; rerun the same command with --resume to continue.",
-              file=sys.stderr)
-        return training.EXIT_INTERRUPTED
-    return 0
+    return cli.run_main(
+        cfg, run, f"{len(cfg.upsamplers)} upsampler(s) x {len(cfg.seeds)} seed(s), "
+                  f"{cfg.steps} steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size}",
+        format_table)

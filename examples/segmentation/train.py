@@ -20,9 +20,7 @@ Ctrl-C checkpoints and exits with status 130. An existing non-empty --out is ref
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -36,14 +34,15 @@ import optax
 import sapa_jax
 from examples.common import cost, report, training
 from examples.common import upsamplers as ups
-from examples.common.cli import add_run_arguments, check_unique, positive
-from examples.common.outputs import OutputExistsError, prepare_output
+from examples.common.cli import add_run_arguments, check_unique, positive, run_main
+from examples.common.outputs import prepare_output
 
 from . import data, figures, metrics, model
 
 VAL_SEED = 2022  # the validation set is the same for every run, so runs compare on equal terms
 EXIT_INTERRUPTED = training.EXIT_INTERRUPTED
 METRICS = ("miou", "boundary_iou")
+RUN_METRICS = (*METRICS, "pixel_accuracy")  # the columns of runs.csv
 # Every upsampler this build of sapa_jax has, but SAPA-D: it runs on its jnp path (about 20x
 # slower per step than the others here) until its fused kernel lands, which would triple the
 # demo's time. Ask for it with --upsamplers ...,sapa-d.
@@ -297,18 +296,6 @@ def train_run(cfg: Config, trainer: Trainer, exp: Experiment, seed: int, mesh, v
 
 # ----------------------------------------------------------------------------- reporting
 
-def write_runs_csv(path: Path, runs) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["upsampler", "seed", "step", "miou", "boundary_iou", "pixel_accuracy",
-                         "step_ms", "images_per_second"])
-        for r in runs:
-            if "final" in r:
-                writer.writerow([r["label"], r["seed"], r["step"], r["final"]["miou"],
-                                 r["final"]["boundary_iou"], r["final"]["pixel_accuracy"],
-                                 r["step_ms"], r["images_per_second"]])
-
-
 def table_metrics(cfg: Config) -> dict:
     return {"miou": "mIoU", "boundary_iou": f"boundary IoU, w={cfg.band_width}"}
 
@@ -352,51 +339,26 @@ def run(cfg: Config, stop: training.StopFlag | None = None) -> dict:
     labels = [e.label for e in exps]
     extra = {e.label: {"ablation": list(e.groups)} for e in exps} if cfg.ablation else None
     rows = report.summarise(runs, labels, METRICS, costs, extra=extra)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    doc = {"config": config, "devices": len(devices), "platform": devices[0].platform,
-           "sapa_core": sapa_jax.core.resolve_impl("auto", jnp.float32),
-           "interrupted": interrupted, "wall_seconds": round(time.perf_counter() - started, 1),
-           "flops_note": "FLOPs of a one-image forward at --image-size, XLA cost analysis of "
-                         "the jnp formulation",
-           "ci_method": "Student-t 95% interval of the per-seed paired difference",
-           "skipped": skipped, "figures": [str(p) for p in figure_paths], "runs": runs}
-    paths = report.write_results(out, doc, rows)
-    paths["runs_csv"] = out / "runs.csv"
-    write_runs_csv(paths["runs_csv"], runs)
-    return {**doc, "summary": rows, "paths": {k: str(v) for k, v in paths.items()}}
+    return report.write_all(
+        out, cfg, runs, rows, interrupted=interrupted, started=started,
+        figure_paths=figure_paths, run_metrics=RUN_METRICS,
+        run_timings=("step_ms", "images_per_second"),
+        flops_note="FLOPs of a one-image forward at --image-size, XLA cost analysis of the "
+                   "jnp formulation",
+        ci_method="Student-t 95% interval of the per-seed paired difference", skipped=skipped)
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    devices = jax.local_devices()
     exps, _ = experiments(cfg)
-    print(f"{len(devices)} {devices[0].platform} device(s); SAPA core: "
-          f"{sapa_jax.core.resolve_impl('auto', jnp.float32)}; decoder {cfg.decoder}; "
-          f"{len(exps)} {'ablation setting' if cfg.ablation else 'upsampler'}(s) x "
-          f"{len(cfg.seeds)} seed(s), {cfg.steps} steps, batch {cfg.batch_size}, "
-          f"{cfg.image_size}x{cfg.image_size}; output: {cfg.out}")
-    try:
-        with training.StopFlag() as stop:
-            result = run(cfg, stop)
-    except OutputExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nAborted (second Ctrl-C); checkpoints written so far are kept. "
-              "Rerun with --resume to continue.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if result["summary"]:
-        print()
-        print(report.format_table(result["summary"], table_metrics(cfg)))
-        print("(mean ± sample std over seeds, n/a for one seed; difference to bilinear paired "
-              "by seed with a Student-t 95% CI; params/FLOPs added over bilinear)")
-    print(f"\nResults: {result['paths']['json']}\n         {result['paths']['csv']}"
-          f"\n         {result['paths']['runs_csv']}")
-    if result["figures"]:
-        print(f"Figures: {cfg.out / 'figures'} ({len(result['figures'])} PNG files)")
-    print(f"Wall time: {result['wall_seconds']:.0f} s")
-    if result["interrupted"]:
-        print("Interrupted: checkpoints saved; rerun the same command with --resume to continue.",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+
+    def table(rows: list[dict]) -> str:
+        return (report.format_table(rows, table_metrics(cfg)) + "\n(mean ± sample std over "
+                "seeds, n/a for one seed; difference to bilinear paired by seed with a "
+                "Student-t 95% CI; params/FLOPs added over bilinear)")
+
+    return run_main(
+        cfg, run, f"decoder {cfg.decoder}; {len(exps)} "
+                  f"{'ablation setting' if cfg.ablation else 'upsampler'}(s) x "
+                  f"{len(cfg.seeds)} seed(s), {cfg.steps} steps, batch {cfg.batch_size}, "
+                  f"{cfg.image_size}x{cfg.image_size}", table)
