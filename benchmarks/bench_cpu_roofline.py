@@ -22,36 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import sapa_jax
+from bench_core import make_programs, median_seconds  # one timing rule for both scripts
 
 PRESET = (2, 32, 32, 2, 32, 64, 5)  # batch, H, W, s, d, C, K (the CPU preset)
-
-
-def median_seconds(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_gflops(size, repeats):
     a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
     f = jax.jit(lambda a, b: a @ b)
     return 2.0 * size ** 3 / median_seconds(f, (a, a), repeats) / 1e9
-
-
-def core_programs(impl, kernel_size, scale):
-    def forward(q, k, v):
-        return sapa_jax.sapa_upsample(q, k, v, kernel_size=kernel_size, scale=scale, impl=impl)
-
-    def forward_backward(q, k, v, g):
-        out, vjp = jax.vjp(forward, q, k, v)
-        return out, vjp(g)
-
-    return jax.jit(forward), jax.jit(forward_backward)
 
 
 def main(argv=None) -> int:
@@ -78,7 +57,7 @@ def main(argv=None) -> int:
     rows = {"matmul_gflops": matmul, "preset": PRESET}
     for dtype in (jnp.float32, jnp.bfloat16):
         q, k, v, g = (jnp.asarray(a, dtype) for a in base)
-        fwd, fwd_bwd = core_programs("ffi", kernel_size, scale)
+        fwd, fwd_bwd = make_programs("ffi", kernel_size, scale)
         t_fwd = median_seconds(fwd, (q, k, v), args.repeats)
         t_both = median_seconds(fwd_bwd, (q, k, v, g), args.repeats)
         gf_fwd, gf_both = forward_flops / t_fwd / 1e9, 3 * forward_flops / t_both / 1e9
@@ -92,7 +71,7 @@ def main(argv=None) -> int:
 
     # Interleaved: ffi and xla forward+backward alternate call by call.
     q, k, v, g = (jnp.asarray(a) for a in base)
-    programs = {impl: core_programs(impl, kernel_size, scale)[1] for impl in ("ffi", "xla")}
+    programs = {impl: make_programs(impl, kernel_size, scale)[1] for impl in ("ffi", "xla")}
     times = {"ffi": [], "xla": []}
     for fn in programs.values():
         jax.block_until_ready(fn(q, k, v, g))
