@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from examples.common import upsamplers as ups
+from examples.common.layers import ConvBlock
 
 from . import data
 
@@ -41,20 +42,6 @@ def clamp_to_trimap(alpha, trimaps):
     Composition-1k evaluation does before scoring."""
     alpha = jnp.where(trimaps == data.TRIMAP_FG, 1.0, alpha)
     return jnp.where(trimaps == data.TRIMAP_BG, 0.0, alpha)
-
-
-class ConvBlock(nn.Module):
-    """`depth` x (3x3 conv -> GroupNorm -> ReLU). GroupNorm: no batch statistics to carry."""
-    features: int
-    depth: int = 2
-
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(self.depth):
-            x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
-            x = nn.GroupNorm(num_groups=min(8, self.features))(x)
-            x = nn.relu(x)
-        return x
 
 
 class Matter(nn.Module):

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from examples.common.layers import ConvBlock
 from examples.common.upsamplers import Upsampler, bilinear, guide_same_width
 
 DECODERS = ("fpn", "segformer", "upsampler-only")
@@ -58,20 +59,6 @@ def size_multiple(decoder: str) -> int:
 def is_upsampler_param(path: Sequence[str]) -> bool:
     """Whether a parameter path (top-level module name first) belongs to an upsampler."""
     return str(path[0]).startswith("up")
-
-
-class ConvBlock(nn.Module):
-    """`depth` x (3x3 conv -> GroupNorm -> ReLU). GroupNorm: no batch statistics to carry."""
-    features: int
-    depth: int = 2
-
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(self.depth):
-            x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
-            x = nn.GroupNorm(num_groups=min(8, self.features))(x)
-            x = nn.relu(x)
-        return x
 
 
 class Segmenter(nn.Module):
