@@ -446,7 +446,7 @@ def test_nonfinite_inputs_propagate_as_in_jnp(emu, env, x64, normalizer, border)
 # --------------------------------------------------------------- the shared logit gradient
 # sapa_common.h's point_logit_gradients, the one formula of both back ends, against an exact
 # evaluation (float64 for the float kernels, x87 long double for the double ones) of
-# docs/design.md §1's gradient from the same logits x, dw and the weights and stats as the
+# docs/design.md §2's gradient from the same logits x, dw and the weights and stats as the
 # kernels computed them, for every normaliser, both borders and K = 1..9. Per tap p, with u the
 # unit roundoff, eta the smallest subnormal, n = K*K, G_p = sum_j w_j (dw_p - dw_j) and
 # Q_p = sum_j w_j |dw_p - dw_j|:
