@@ -1,16 +1,17 @@
-// FFI handlers of the fused SAPA core for XLA:CPU (docs/design.md §1 and §3): validation,
-// dtype dispatch and the handler symbols. The passes are in cpu/sapa_passes.h, their
-// primitives in cpu/{types,simd,rows,parallel}.h.
+// FFI handlers of the fused SAPA core for XLA:CPU (docs/design.md §1 and §3): validation, the
+// choice of SIMD level and the handler symbols. The passes are in cpu/sapa_passes.h (compiled
+// once per level through cpu/sapa_level.cc), their primitives in cpu/{types,simd,rows,parallel}.h.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <new>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "cpu/levels.h"
 #include "cpu/parallel.h"
-#include "cpu/sapa_passes.h"
-#include "cpu/simd.h"
-#include "cpu/types.h"
 #include "sapa_common.h"
 #include "sapa_handlers.h"
 #include "sapa_validate.h"
@@ -20,13 +21,48 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace sapa::cpu;  // NOLINT: the kernel's own primitives
 using sapa::Geometry;
+using sapa::cpu::PassCall;
+
+// ----------------------------------------------------------------------------------------------
+// SIMD levels: the best one this processor has, chosen once at load; tests may pin another.
+
+struct Level {
+  const char* name;
+  sapa::cpu::ForwardEntry forward;
+  sapa::cpu::BackwardEntry backward;
+  bool (*supported)();
+};
+
+const Level kLevels[] = {
+    {"baseline", sapa::cpu::baseline::sapa_forward, sapa::cpu::baseline::sapa_backward,
+     [] { return true; }},
+#if defined(SAPA_CPU_X86_LEVELS)
+    {"avx2", sapa::cpu::avx2::sapa_forward, sapa::cpu::avx2::sapa_backward,
+     [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); }},
+    {"avx512", sapa::cpu::avx512::sapa_forward, sapa::cpu::avx512::sapa_backward,
+     [] {
+       return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                   __builtin_cpu_supports("fma"));
+     }},
+#endif
+};
+constexpr int kLevelCount = int(sizeof kLevels / sizeof kLevels[0]);
+
+int best_level() {
+  int best = 0;
+  for (int i = 0; i < kLevelCount; ++i)
+    if (kLevels[i].supported()) best = i;
+  return best;
+}
+
+std::atomic<int> current_level{best_level()};
 
 // ----------------------------------------------------------------------------------------------
 // Validation: sapa_validate.h, plus the one limit of this back end's own.
 
-constexpr double kMaxThreadBytes = double(1 << 30);  // per-thread row buffers (see Work)
+constexpr double kMaxThreadBytes = double(1 << 30);  // per-thread row buffers (see Kernel::Work)
 
 bool supported(ffi::DataType t) {
   return t == ffi::DataType::F32 || t == ffi::DataType::F64 || t == ffi::DataType::BF16 ||
@@ -42,7 +78,7 @@ std::string check_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   if (!error.empty()) return error;
   // A worker holds a few (K*K, output width) rows and K band rows of k and v; refuse sizes
   // whose buffers would be absurd rather than die allocating them.
-  const double lanes = double(g->oW() + kLanes + 2 * g->r * g->s);
+  const double lanes = double(g->oW() + 32 + 2 * g->r * g->s);
   const double bytes =
       8.0 * lanes * (6.0 * double(g->taps()) + double(g->K) * double(g->d + g->C));
   if (bytes > kMaxThreadBytes)
@@ -53,16 +89,11 @@ std::string check_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   return std::string();
 }
 
+// Runs fn() and turns what it throws into an ffi::Error.
 template <typename Fn>
-ffi::Error dispatch(ffi::DataType dtype, Fn&& fn) {
+ffi::Error guarded(Fn&& fn) {
   try {
-    switch (dtype) {
-      case ffi::DataType::F32: fn(float(), float()); break;
-      case ffi::DataType::F64: fn(double(), double()); break;
-      case ffi::DataType::BF16: fn(BF16(), float()); break;
-      case ffi::DataType::F16: fn(F16(), float()); break;
-      default: return ffi::Error::InvalidArgument("unsupported element type");
-    }
+    fn();
   } catch (const std::bad_alloc&) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "SAPA CPU kernel: out of memory");
   } catch (const std::exception& err) {
@@ -80,14 +111,11 @@ ffi::Error SapaForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   std::string error = check_inputs(q, k, v, kernel_size, scale, normalizer, border, eps, &g);
   if (error.empty()) error = sapa::check_forward_outputs(q, g, *out, *stats);
   if (!error.empty()) return ffi::Error::InvalidArgument("sapa_forward: " + error);
-  const Options o{normalizer, border, eps};
-  return dispatch(q.element_type(), [&](auto t, auto a) {
-    using T = decltype(t);
-    using A = decltype(a);
-    Kernel<T, A>(g, o).forward(
-        pool, static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
-        static_cast<const T*>(v.untyped_data()), static_cast<T*>(out->untyped_data()),
-        static_cast<A*>(stats->untyped_data()));
+  const PassCall call{g, normalizer, border, eps, q.element_type(), &pool};
+  const Level& level = kLevels[current_level.load()];
+  return guarded([&] {
+    level.forward(call, q.untyped_data(), k.untyped_data(), v.untyped_data(),
+                  out->untyped_data(), stats->untyped_data());
   });
 }
 
@@ -103,16 +131,13 @@ ffi::Error SapaBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuff
   if (error.empty())
     error = sapa::check_backward_buffers(q, g, stats, gout, *dq, *dk, *dv, *w, *dlogit);
   if (!error.empty()) return ffi::Error::InvalidArgument("sapa_backward: " + error);
-  const Options o{normalizer, border, eps};
-  return dispatch(q.element_type(), [&](auto t, auto a) {
-    using T = decltype(t);
-    using A = decltype(a);
-    Kernel<T, A>(g, o).backward(
-        pool, static_cast<const T*>(q.untyped_data()), static_cast<const T*>(k.untyped_data()),
-        static_cast<const T*>(v.untyped_data()), static_cast<const A*>(stats.untyped_data()),
-        static_cast<const T*>(gout.untyped_data()), static_cast<T*>(dq->untyped_data()),
-        static_cast<T*>(dk->untyped_data()), static_cast<T*>(dv->untyped_data()),
-        static_cast<A*>(w->untyped_data()), static_cast<A*>(dlogit->untyped_data()));
+  const PassCall call{g, normalizer, border, eps, q.element_type(), &pool};
+  const Level& level = kLevels[current_level.load()];
+  return guarded([&] {
+    level.backward(call, q.untyped_data(), k.untyped_data(), v.untyped_data(),
+                   stats.untyped_data(), gout.untyped_data(), dq->untyped_data(),
+                   dk->untyped_data(), dv->untyped_data(), w->untyped_data(),
+                   dlogit->untyped_data());
   });
 }
 
@@ -123,6 +148,34 @@ void set_cpu_max_workers(int64_t workers) {
   sapa::cpu::max_workers_setting.store(std::max<int64_t>(workers, 0));
 }
 }  // namespace sapa
+
+namespace sapa::cpu {
+std::vector<std::string> simd_levels() {
+  std::vector<std::string> names;
+  for (const Level& level : kLevels)
+    if (level.supported()) names.push_back(level.name);
+  return names;
+}
+
+std::string simd_level() { return kLevels[current_level.load()].name; }
+
+void set_simd_level(const std::string& name) {
+  if (name == "auto") {
+    current_level.store(best_level());
+    return;
+  }
+  for (int i = 0; i < kLevelCount; ++i) {
+    if (name != kLevels[i].name) continue;
+    if (!kLevels[i].supported())
+      throw std::invalid_argument("simd level " + name + " is not supported by this processor");
+    current_level.store(i);
+    return;
+  }
+  std::string known = "\"auto\"";
+  for (const std::string& level : simd_levels()) known += ", \"" + level + "\"";
+  throw std::invalid_argument("level must be one of " + known + ", got \"" + name + "\"");
+}
+}  // namespace sapa::cpu
 
 // XLA's intra-op thread pool, then the signature shared with the CUDA handlers
 // (sapa_handlers.h).

@@ -10,11 +10,17 @@
 #include <memory>
 #include <mutex>
 
+#include "cpu/types.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace sapa::cpu {
 
 namespace ffi = xla::ffi;
+
+// The test-only cap of every level's parallel_for (sapa::set_cpu_max_workers); 0: no cap.
+inline std::atomic<int64_t> max_workers_setting{0};
+
+inline namespace SAPA_CPU_ISA {
 
 // ----------------------------------------------------------------------------------------------
 // Parallel-for over [0, items) on XLA's intra-op thread pool (ffi::ThreadPool): the caller and up
@@ -25,8 +31,6 @@ namespace ffi = xla::ffi;
 // The caller never waits for a task that has not started: a task registers as active before it
 // touches the caller's state, and one that starts after the caller has finished every item finds
 // the job closed and returns. So a busy pool (or a pool thread calling this) cannot deadlock.
-
-inline std::atomic<int64_t> max_workers_setting{0};  // sapa::set_cpu_max_workers (tests); 0: no cap
 
 struct Join {  // shared by the caller and its tasks, which may outlive the call
   std::mutex mutex;
@@ -86,6 +90,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, double flops_per_item,
   if (join->error) std::rethrow_exception(join->error);
 }
 
+}  // namespace SAPA_CPU_ISA
 }  // namespace sapa::cpu
 
 #endif  // SAPA_JAX_XLA_FFI_CPU_PARALLEL_H_

@@ -12,6 +12,7 @@
 #include "sapa_common.h"
 
 namespace sapa::cpu {
+inline namespace SAPA_CPU_ISA {
 
 // A window of pixel rows of one NHWC image, point-major, in the accumulation type: direct
 // pointers when the storage type already is the accumulation type, else rows converted into a
@@ -94,6 +95,7 @@ class Band {
   std::vector<int64_t> tags_;
 };
 
+}  // namespace SAPA_CPU_ISA
 }  // namespace sapa::cpu
 
 #endif  // SAPA_JAX_XLA_FFI_CPU_ROWS_H_

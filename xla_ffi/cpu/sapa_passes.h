@@ -26,6 +26,7 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace sapa::cpu {
+inline namespace SAPA_CPU_ISA {
 
 using sapa::Geometry;
 
@@ -437,6 +438,7 @@ struct Kernel {
   }
 };
 
+}  // namespace SAPA_CPU_ISA
 }  // namespace sapa::cpu
 
 #endif  // SAPA_JAX_XLA_FFI_CPU_SAPA_PASSES_H_

@@ -12,32 +12,39 @@
 #include "cpu/types.h"
 
 namespace sapa::cpu {
+inline namespace SAPA_CPU_ISA {
 
 // ----------------------------------------------------------------------------------------------
 // Channel loops. Fixed-size blocks of independent accumulators keep partial sums in registers
 // and let g++ vectorise without -ffast-math; every lane sums in a fixed order, so results do not
-// depend on blocking or threads. The hot functions get an x86-64-v3 (AVX2 + FMA) clone next to
-// the baseline one, chosen once at load time; helpers are force-inlined into them.
+// depend on blocking or threads. The passes are compiled once per SIMD level (cpu/levels.h), in
+// files of their own with their own -m flags; helpers are force-inlined into them.
 
-#ifndef SAPA_CLONES  // (-DSAPA_CLONES= builds the baseline code only, e.g. to test it)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SAPA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SAPA_CLONES
-#endif
-#endif
 #define SAPA_INLINE inline __attribute__((always_inline))
+#define SAPA_CLONES  // (was target_clones; the levels are whole translation units now)
 
-// Explicit 32-byte vectors (GCC/Clang vector extensions): AVX registers in the v3 clone, pairs
-// of SSE registers in the baseline one. Auto-vectorisation of these loops proved fragile.
-// (-Wpsabi warns about passing such vectors by value; these helpers are always inlined.)
+// Explicit vectors (GCC/Clang vector extensions) of SAPA_CPU_VECTOR_BYTES: 64 (zmm) in the
+// AVX-512 build, 32 (ymm, or pairs of xmm in the baseline) otherwise. Auto-vectorisation of
+// these loops proved fragile. (-Wpsabi warns about passing such vectors by value; these helpers
+// are always inlined.)
+#ifndef SAPA_CPU_VECTOR_BYTES
+#define SAPA_CPU_VECTOR_BYTES 32
+#endif
 #pragma GCC diagnostic ignored "-Wpsabi"
+inline constexpr int kVectorBytes = SAPA_CPU_VECTOR_BYTES;
 template <typename A> struct Simd {
-  typedef A type __attribute__((vector_size(32)));
-  static constexpr int64_t lanes = 32 / sizeof(A);
+  typedef A type __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t lanes = kVectorBytes / sizeof(A);
 };
 template <typename A> SAPA_INLINE typename Simd<A>::type load_vec(const A* p) {
   typename Simd<A>::type v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+// Eight floats, whatever the level: the register transposes below are written for them.
+typedef float Float8 __attribute__((vector_size(32)));
+SAPA_INLINE Float8 load8(const float* p) {
+  Float8 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
@@ -156,7 +163,7 @@ SAPA_INLINE void weighted_rows_any(int64_t points, const A* coef, int64_t coef_s
 SAPA_INLINE void exp_shifted(const float* __restrict x, const float* __restrict shift,
                              float* __restrict out, int64_t width) {
   using V = Simd<float>::type;
-  typedef int32_t VI __attribute__((vector_size(32)));
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
   constexpr int64_t L = Simd<float>::lanes;
   const V lo = V{} - 87.336544f, hi = V{} + 88.0f, magic = V{} + 12582912.0f;  // 1.5 * 2^23
   for (int64_t j = 0; j < width; j += L) {
@@ -194,11 +201,11 @@ SAPA_INLINE void transpose(const T* __restrict src, int64_t src_stride, int64_t 
   int64_t r0 = 0, c0 = 0;
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-    using V = Simd<float>::type;
+    using V = Float8;
     for (; r0 + 8 <= rows; r0 += 8) {
       for (c0 = 0; c0 + 8 <= cols; c0 += 8) {
         V x[8], t[8], u[8];
-        for (int i = 0; i < 8; ++i) x[i] = load_vec(src + (r0 + i) * src_stride + c0);
+        for (int i = 0; i < 8; ++i) x[i] = load8(src + (r0 + i) * src_stride + c0);
         for (int i = 0; i < 8; i += 2) {
           t[i] = __builtin_shufflevector(x[i], x[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
           t[i + 1] = __builtin_shufflevector(x[i], x[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -231,10 +238,10 @@ SAPA_INLINE void repeat_each(const A* __restrict in, int64_t n, int64_t s, A* __
   int64_t i = 0;
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
   if constexpr (std::is_same_v<A, float>) {
-    using V = Simd<float>::type;
+    using V = Float8;
     if (s == 2) {
       for (; i + 8 <= n; i += 8) {
-        const V x = load_vec(in + i);
+        const V x = load8(in + i);
         const V lo = __builtin_shufflevector(x, x, 0, 0, 1, 1, 2, 2, 3, 3);
         const V hi = __builtin_shufflevector(x, x, 4, 4, 5, 5, 6, 6, 7, 7);
         std::memcpy(out + 2 * i, &lo, sizeof lo);
@@ -247,6 +254,7 @@ SAPA_INLINE void repeat_each(const A* __restrict in, int64_t n, int64_t s, A* __
     for (int64_t k = 0; k < s; ++k) out[i * s + k] = in[i];
 }
 
+}  // namespace SAPA_CPU_ISA
 }  // namespace sapa::cpu
 
 #endif  // SAPA_JAX_XLA_FFI_CPU_SIMD_H_

@@ -6,7 +6,15 @@
 #include <cstdint>
 #include <cstring>
 
+// The SIMD level this translation unit is compiled for (cpu/levels.h). Everything of the CPU
+// kernels lives in an inline namespace of that name, so that the copies compiled for different
+// levels, in different files with different -m flags, never merge at link time.
+#ifndef SAPA_CPU_ISA
+#define SAPA_CPU_ISA generic
+#endif
+
 namespace sapa::cpu {
+inline namespace SAPA_CPU_ISA {
 
 struct BF16 { uint16_t bits; };
 struct F16 { uint16_t bits; };
@@ -61,6 +69,7 @@ template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 template <typename T> using Acc = typename AccOf<T>::type;
 
+}  // namespace SAPA_CPU_ISA
 }  // namespace sapa::cpu
 
 #endif  // SAPA_JAX_XLA_FFI_CPU_TYPES_H_
