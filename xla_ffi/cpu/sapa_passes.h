@@ -265,6 +265,7 @@ struct Kernel {
   struct Work {
     Band<T, A> kband, vband;
     std::vector<A> qT, gT, logit, w, dw, dl, h, st0, st1, mean, qzero, gzero, poison, coef;
+    std::vector<A> wT, dlT;  // w and dl point-major: the taps of lane j at [j * taps]
     std::vector<uint8_t> inside;
     std::vector<const A*> rows, kwin, vwin;
     std::vector<T*> outs;
@@ -277,12 +278,33 @@ struct Kernel {
           logit(zeros<A>(kn.taps() * kn.width)), w(logit),
           dw(zeros<A>(backward ? kn.taps() * kn.width : 0)), dl(dw), h(dw), st0(zeros<A>(kn.width)),
           st1(st0), mean(st0), qzero(st0), gzero(st0), poison(st0),
-          coef(zeros<A>(kn.g.s * kn.taps())),
+          coef(zeros<A>(kn.g.s * kn.taps())), wT(zeros<A>(kn.taps() * kn.width)), dlT(dw),
           inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())), kwin(size_t(kn.g.K)),
           vwin(size_t(kn.g.K)), outs(size_t(kn.g.s)), tap_of(size_t(kn.taps())),
           centre_inside(new bool[kn.taps()]), k(kn.g.W, kn.g.d, backward ? kn.g.K : 0),
           v(kn.g.W, kn.g.C, backward ? 0 : kn.g.K) {}  // point-major rows: dq needs k, out v
   };
+
+  // coefT (point-major, see Work::wT) with poison[j] added to the centre tap of every lane.
+  SAPA_INLINE void add_poison(A* coefT, const A* poison) const {
+    for (int64_t j = 0; j < g.oW(); ++j) coefT[j * taps() + centre_tap()] += poison[j];
+  }
+
+  // out[sj] = sum over the inside taps of centre (li, lj) of coefT[j * taps + tap] * row(tap)
+  // for the s points j = lj * s + sj of one output row: the coefficients straight from the
+  // point-major coefT where every tap is inside, else gathered for the inside ones.
+  SAPA_INLINE void assemble_centre(int64_t lj, int64_t count, const A* coefT, int64_t channels,
+                                   Work& wk) const {
+    const int64_t n = taps();
+    const A* coef = coefT + lj * g.s * n;
+    if (count != n) {
+      for (int64_t sj = 0; sj < g.s; ++sj)
+        for (int64_t e = 0; e < count; ++e)
+          wk.coef[sj * n + e] = coef[sj * n + wk.tap_of[e]];
+      coef = wk.coef.data();
+    }
+    weighted_rows_any(g.s, coef, n, wk.rows.data(), count, channels, wk.outs.data());
+  }
 
   // Forward: out and stats of output rows li*s .. li*s+s-1 of batch element b. The s points
   // of an output row that share a low-res centre are assembled together.
@@ -302,24 +324,48 @@ struct Kernel {
         stat[g.stat_at(b, i, j)] = wk.st0[j];
         stat[g.stat_at(b, i, j) + 1] = wk.st1[j];
       }
+      transpose(wk.w.data(), width, n, g.oW(), wk.wT.data(), n);
+      add_poison(wk.wT.data(), wk.poison.data());
       for (int64_t lj = 0; lj < g.W; ++lj) {
         // v is 0 outside the map: only inside taps enter the sum
         const int64_t count = inside_rows(wk.v, li, lj, wk.centre_inside.get(), wk.rows.data(),
                                           wk.tap_of.data());
-        for (int64_t sj = 0; sj < g.s; ++sj) {
-          const int64_t j = lj * g.s + sj;
-          for (int64_t e = 0; e < count; ++e)
-            wk.coef[sj * n + e] = wk.w[wk.tap_of[e] * width + j] +
-                                  (wk.tap_of[e] == centre_tap() ? wk.poison[j] : A(0));
-          wk.outs[sj] = out + g.out_at(b, i, j);
+        for (int64_t sj = 0; sj < g.s; ++sj) wk.outs[sj] = out + g.out_at(b, i, lj * g.s + sj);
+        assemble_centre(lj, count, wk.wT.data(), g.C, wk);
+      }
+    }
+  }
+
+  // The scratch between the backward passes is this back end's own (Python drops it): the
+  // weights and logit gradients in gather order, (n, H, W, K*K, s, s): entry (m, p, si, sj) is
+  // tap p of output point (l s + si, l_j s + sj) with centre l = m - p. Pass 2 then reads the
+  // (s K)^2 coefficients of low-res point m contiguously; entries whose centre is outside the
+  // map are never written nor read.
+  int64_t gather_at(int64_t b, int64_t mi, int64_t mj) const {
+    return ((b * g.H + mi) * g.W + mj) * taps() * g.s * g.s;
+  }
+
+  // Writes the point-major coefT of output row i (centre row li) into gather-ordered scratch.
+  SAPA_INLINE void scatter_taps(const A* coefT, int64_t b, int64_t li, int64_t si,
+                                A* scratch) const {
+    const int64_t n = taps(), ss = g.s * g.s;
+    for (int64_t dy = -g.r; dy <= g.r; ++dy) {
+      const int64_t mi = li + dy;
+      if (mi < 0 || mi >= g.H) continue;
+      for (int64_t lj = 0; lj < g.W; ++lj) {
+        for (int64_t dx = -g.r; dx <= g.r; ++dx) {
+          const int64_t mj = lj + dx;
+          if (mj < 0 || mj >= g.W) continue;
+          const int64_t p = (dy + g.r) * g.K + dx + g.r;
+          A* dst = scratch + gather_at(b, mi, mj) + p * ss + si * g.s;
+          for (int64_t sj = 0; sj < g.s; ++sj) dst[sj] = coefT[(lj * g.s + sj) * n + p];
         }
-        weighted_rows_any(g.s, wk.coef.data(), n, wk.rows.data(), count, g.C, wk.outs.data());
       }
     }
   }
 
   // Backward pass 1: dq of output rows li*s .. li*s+s-1, and the weights and logit gradients
-  // of every tap into scratch.
+  // of every tap into the gather-ordered scratch.
   SAPA_CLONES void backward_point_item(const T* q, const T* k, const T* v, const A* stat,
                                        const T* gout, T* dq, A* w_out, A* dl_out, int64_t b,
                                        int64_t li, Work& wk) const {
@@ -344,25 +390,23 @@ struct Kernel {
       weights_row(logit, st0, st1, w);
       logit_gradients(logit, w, dw, st0, st1, inside, wk.h.data(), mean, dl);
       dq_poison(dl, wk.qzero.data(), inside, wk.poison.data());
-      transpose(w, width, n, g.oW(), w_out + g.tap_at(b, i, 0), n);
-      transpose(dl, width, n, g.oW(), dl_out + g.tap_at(b, i, 0), n);
+      transpose(w, width, n, g.oW(), wk.wT.data(), n);
+      transpose(dl, width, n, g.oW(), wk.dlT.data(), n);
+      scatter_taps(wk.wT.data(), b, li, i - li * g.s, w_out);
+      scatter_taps(wk.dlT.data(), b, li, i - li * g.s, dl_out);
+      add_poison(wk.dlT.data(), wk.poison.data());
       for (int64_t lj = 0; lj < g.W; ++lj) {
         const int64_t count = inside_rows(wk.k, li, lj, wk.centre_inside.get(), wk.rows.data(),
                                           wk.tap_of.data());
-        for (int64_t sj = 0; sj < g.s; ++sj) {
-          const int64_t j = lj * g.s + sj;
-          for (int64_t e = 0; e < count; ++e)
-            wk.coef[sj * n + e] = dl[wk.tap_of[e] * width + j] +
-                                  (wk.tap_of[e] == centre_tap() ? wk.poison[j] : A(0));
-          wk.outs[sj] = dq + g.q_at(b, i, j);
-        }
-        weighted_rows_any(g.s, wk.coef.data(), n, wk.rows.data(), count, g.d, wk.outs.data());
+        for (int64_t sj = 0; sj < g.s; ++sj) wk.outs[sj] = dq + g.q_at(b, i, lj * g.s + sj);
+        assemble_centre(lj, count, wk.dlT.data(), g.d, wk);
       }
     }
   }
 
-  // Backward pass 2: dk and dv of low-res row mi, gathered from the output points of every
-  // centre l = m - p whose window reaches m: taps in order, then the s x s points in order.
+  // Backward pass 2 (the gather): dk and dv of low-res row mi, gathered from the output points
+  // of every centre l = m - p whose window reaches m: taps in order, then the s x s points in
+  // order, the coefficients read contiguously from the gather-ordered scratch.
   struct GatherWork {
     std::vector<A> cdl, cw;
     std::vector<const A*> rq, rg;
@@ -378,21 +422,25 @@ struct Kernel {
                                         GatherWork& wk) const {
     const int64_t centre0 = std::max<int64_t>(mi - g.r, 0);
     const int64_t centre1 = std::min(mi + g.r + 1, g.H);
+    const int64_t ss = g.s * g.s;
     wk.q.load(q + g.q_at(b, 0, 0), centre0 * g.s, centre1 * g.s);
     wk.gout.load(gout + g.out_at(b, 0, 0), centre0 * g.s, centre1 * g.s);
     for (int64_t mj = 0; mj < g.W; ++mj) {
+      const A* w_m = w_in + gather_at(b, mi, mj);
+      const A* dl_m = dl_in + gather_at(b, mi, mj);
+      // Every centre inside: the coefficients are the scratch entries themselves, in order.
+      const bool all = mi >= g.r && mi + g.r < g.H && mj >= g.r && mj + g.r < g.W;
       int64_t count = 0, p = 0;
       for (int64_t dy = -g.r; dy <= g.r; ++dy) {
         for (int64_t dx = -g.r; dx <= g.r; ++dx, ++p) {
           const int64_t li = mi - dy, lj = mj - dx;
           if (li < 0 || li >= g.H || lj < 0 || lj >= g.W) continue;
-          const A* w_tap = w_in + g.tap_at(b, li * g.s, lj * g.s) + p;
-          const A* dl_tap = dl_in + g.tap_at(b, li * g.s, lj * g.s) + p;
           for (int64_t si = 0; si < g.s; ++si) {
             for (int64_t sj = 0; sj < g.s; ++sj, ++count) {
-              const int64_t at = (si * g.oW() + sj) * g.taps();
-              wk.cdl[count] = dl_tap[at];
-              wk.cw[count] = w_tap[at];
+              if (!all) {
+                wk.cdl[count] = dl_m[p * ss + si * g.s + sj];
+                wk.cw[count] = w_m[p * ss + si * g.s + sj];
+              }
               wk.rq[count] = wk.q.at(li * g.s + si, lj * g.s + sj);
               wk.rg[count] = wk.gout.at(li * g.s + si, lj * g.s + sj);
             }
@@ -401,8 +449,8 @@ struct Kernel {
       }
       T* dk_out = dk + g.k_at(b, mi, mj);
       T* dv_out = dv + g.v_at(b, mi, mj);
-      weighted_rows<1>(wk.cdl.data(), 0, wk.rq.data(), count, g.d, &dk_out);
-      weighted_rows<1>(wk.cw.data(), 0, wk.rg.data(), count, g.C, &dv_out);
+      weighted_rows<1>(all ? dl_m : wk.cdl.data(), 0, wk.rq.data(), count, g.d, &dk_out);
+      weighted_rows<1>(all ? w_m : wk.cw.data(), 0, wk.rg.data(), count, g.C, &dv_out);
     }
   }
 

@@ -50,7 +50,8 @@ SAPA_INLINE Float8 load8(const float* p) {
 }
 
 inline constexpr int64_t kLanes = 32;  // output columns per block of the tap products
-inline constexpr int64_t kAccumulators = 8;  // independent vector sums in flight (hides FMA latency)
+// Independent vector sums in flight (hides the FMA latency): half the register file.
+inline constexpr int64_t kAccumulators = kVectorBytes == 64 ? 16 : 8;
 
 // out_m[j] = sum_c a[c * a_stride + j] * b_m[c * b_stride + j] for M = 1 or 2 right-hand
 // sides b_m sharing the loads of a; j < width, a multiple of kLanes.
@@ -73,29 +74,46 @@ SAPA_INLINE void column_dots(const A* __restrict a, int64_t a_stride, const A* c
   }
 }
 
-// Channels [c0, c0 + NV * lanes) of weighted_rows below.
+// Channels [c0, c0 + NV * lanes) of weighted_rows below. With few accumulators (P * NV small,
+// as for one point and few channels) the terms t go round-robin into U partial sums that are
+// added at the end, so that U * P * NV independent FMA chains hide the FMA latency.
 template <int P, int64_t NV, typename T, typename A>
 SAPA_INLINE void weighted_rows_block(const A* __restrict coef, int64_t coef_stride,
                                      const A* const* rows, int64_t count, int64_t c0,
                                      T* const* out) {
   using V = typename Simd<A>::type;
   constexpr int64_t L = Simd<A>::lanes;
-  V acc[P][NV] = {};
-  for (int64_t t = 0; t < count; ++t) {
+  constexpr int64_t U = std::clamp<int64_t>(kAccumulators / (P * NV), 1, 4);
+  V acc[U][P][NV] = {};
+  int64_t t = 0;
+  for (; t + U <= count; t += U) {
+    for (int64_t u = 0; u < U; ++u) {
+      V x[NV];
+      for (int64_t v = 0; v < NV; ++v) x[v] = load_vec(rows[t + u] + c0 + v * L);
+      for (int p = 0; p < P; ++p) {
+        const A w = coef[p * coef_stride + t + u];
+        for (int64_t v = 0; v < NV; ++v) acc[u][p][v] += w * x[v];
+      }
+    }
+  }
+  for (; t < count; ++t) {
     V x[NV];
     for (int64_t v = 0; v < NV; ++v) x[v] = load_vec(rows[t] + c0 + v * L);
     for (int p = 0; p < P; ++p) {
       const A w = coef[p * coef_stride + t];
-      for (int64_t v = 0; v < NV; ++v) acc[p][v] += w * x[v];
+      for (int64_t v = 0; v < NV; ++v) acc[0][p][v] += w * x[v];
     }
   }
+  for (int64_t u = 1; u < U; ++u)
+    for (int p = 0; p < P; ++p)
+      for (int64_t v = 0; v < NV; ++v) acc[0][p][v] += acc[u][p][v];
   for (int p = 0; p < P; ++p) {
     for (int64_t v = 0; v < NV; ++v) {
       if constexpr (std::is_same_v<T, A>) {
-        std::memcpy(out[p] + c0 + v * L, &acc[p][v], sizeof(V));
+        std::memcpy(out[p] + c0 + v * L, &acc[0][p][v], sizeof(V));
       } else {
         A result[L];
-        std::memcpy(result, &acc[p][v], sizeof result);
+        std::memcpy(result, &acc[0][p][v], sizeof result);
         for (int64_t u = 0; u < L; ++u) out[p][c0 + v * L + u] = From<T>::of(result[u]);
       }
     }
@@ -104,7 +122,8 @@ SAPA_INLINE void weighted_rows_block(const A* __restrict coef, int64_t coef_stri
 
 // out[p][c] = sum_t coef[p * coef_stride + t] * rows[t][c], t = 0..count-1 in order, stored as
 // T, for P points sharing the rows (the s output points of one low-res centre). Channels go in
-// blocks of decreasing width, then scalars: the same order per channel whichever block.
+// blocks of decreasing width, then scalars. The order of the sum depends on count, P and the
+// channel's block only, never on threads or data.
 template <int P, typename T, typename A>
 SAPA_INLINE void weighted_rows(const A* coef, int64_t coef_stride, const A* const* rows,
                                int64_t count, int64_t channels, T* const* out) {
@@ -114,10 +133,8 @@ SAPA_INLINE void weighted_rows(const A* coef, int64_t coef_stride, const A* cons
   for (; c0 + NV * L <= channels; c0 += NV * L)
     weighted_rows_block<P, NV>(coef, coef_stride, rows, count, c0, out);
   if constexpr (NV > 4) {
-    if (c0 + 4 * L <= channels) {
+    for (; c0 + 4 * L <= channels; c0 += 4 * L)
       weighted_rows_block<P, 4>(coef, coef_stride, rows, count, c0, out);
-      c0 += 4 * L;
-    }
   }
   if constexpr (NV > 2) {
     if (c0 + 2 * L <= channels) {
