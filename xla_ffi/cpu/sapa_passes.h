@@ -3,9 +3,9 @@
 //
 // Forward: for each output row, the K*K logits q . k of every point, their normalisation and
 // out = sum_p w_p v[l+p], in one pass; k and v are never expanded into K*K patches.
-// Backward in two passes, without atomics: pass 1 per output row recomputes the logits and
+// Backward in two passes, without atomics: backward_points per output row recomputes the logits and
 // weights from the saved stats, dw_p = g . v[l+p], the logit gradients and dq, and writes the
-// per-tap weights and logit gradients to the scratch outputs; pass 2 per low-res point gathers
+// per-tap weights and logit gradients to the scratch outputs; backward_gather per low-res point gathers
 // dk and dv from the (s*K)^2 output points whose windows cover it. Every sum runs in a fixed
 // order and work items are independent, so results are bitwise reproducible and do not depend
 // on the number of threads.
@@ -130,24 +130,38 @@ struct Kernel {
     return sapa::tap_counted(o.border, inside[e] != 0);
   }
 
+  // fn(j) for the lanes j < oW of output rows of centre row li that can have an out-of-map
+  // tap: all of them near the top and bottom, else the r s lanes at either end.
+  template <typename Fn> SAPA_INLINE void border_lanes(int64_t li, const Fn& fn) const {
+    const int64_t edge = std::min(g.r * g.s, g.oW());
+    if (li < g.r || li + g.r >= g.H) {
+      for (int64_t j = 0; j < g.oW(); ++j) fn(j);
+      return;
+    }
+    for (int64_t j = 0; j < edge; ++j) fn(j);
+    for (int64_t j = std::max(edge, g.oW() - g.r * g.s); j < g.oW(); ++j) fn(j);
+  }
+
   // poison[j]: the sum of out_poison_term (sapa_common.h) over the out-of-map taps of lane j,
-  // from the weights w.
-  SAPA_INLINE void out_poison(const A* w, const uint8_t* inside, A* poison) const {
+  // from the weights w (0 for lanes without such taps).
+  SAPA_INLINE void out_poison(int64_t li, const A* w, const uint8_t* inside, A* poison) const {
     std::fill(poison, poison + width, A(0));
-    for (int64_t e = 0; e < taps() * width; e += width)
-      for (int64_t j = 0; j < width; ++j)
+    border_lanes(li, [&](int64_t j) {
+      for (int64_t e = 0; e < taps() * width; e += width)
         if (!inside[e + j]) poison[j] += sapa::out_poison_term(o.border, w[e + j]);
+    });
   }
 
   // The same for dq: dq_poison_term from the logit gradients dl and qzero (zero_products of q:
   // the raw logit of every out-of-map tap).
-  SAPA_INLINE void dq_poison(const A* dl, const A* qzero, const uint8_t* inside,
+  SAPA_INLINE void dq_poison(int64_t li, const A* dl, const A* qzero, const uint8_t* inside,
                              A* poison) const {
     std::fill(poison, poison + width, A(0));
-    for (int64_t e = 0; e < taps() * width; e += width)
-      for (int64_t j = 0; j < width; ++j)
+    border_lanes(li, [&](int64_t j) {
+      for (int64_t e = 0; e < taps() * width; e += width)
         if (!inside[e + j])
           poison[j] += sapa::dq_poison_term(o.normalizer, o.border, qzero[j], dl[e + j]);
+    });
   }
 
   // Forward normalisation of one output row, every lane j a point: weights w[t * width + j]
@@ -219,52 +233,47 @@ struct Kernel {
     return count;
   }
 
-  // The normaliser's Jacobian, row form: dlogit[t * width + j] from the weights w, the
-  // dw_t = g . v[l + t] and the stats, for every counted tap (out-of-map ones too: their
-  // gradient only feeds dq's poison, see dq_poison); uncounted taps get 0.
-  //   softmax:   dlogit_t = w_t (dw_t - sum_u w_u dw_u)
-  //   h / (S + eps): dlogit_t = h'(x_t) (eps dw_t + sum_u h_u (dw_t - dw_u)) / (S + eps)^2,
-  // the cancellation-free form of docs/design.md §2: with w_u = h_u / (S + eps) summing to nearly 1,
-  // dw_t - sum_u w_u dw_u would lose the eps / S part that the gradient consists of. For an
-  // all-zero window (stat 1 set) jnp's safe denominator is 1: dh = dw.
-  //   none:      dlogit_t = dw_t
+  // The normaliser's Jacobian, row form: dlogit[t * width + j] from the weights w (uncounted
+  // taps 0), dw_t = g . v[l + t] and the stats, for every counted tap (out-of-map ones too:
+  // their gradient only feeds dq's poison, see dq_poison); uncounted taps get 0. The one formula
+  // of both back ends, sapa::point_logit_gradients (sapa_common.h), with its pieces applied
+  // lane by lane: per lane j the same operations in the same order, so the same bits as the
+  // per-point form. `spread` holds 4 rows of width: W, the top weight, the pivot (then c), R.
   SAPA_INLINE void logit_gradients(const A* logit, const A* w, const A* dw, const A* st0,
-                                   const A* st1, const uint8_t* inside, A* h, A* mean,
+                                   const A* st1, const uint8_t* inside, A* spread,
                                    A* dl) const {
     const int64_t n = taps();
-    if (o.normalizer == sapa::kNone) {
-      for (int64_t e = 0; e < n * width; ++e) dl[e] = counted(inside, e) ? dw[e] : A(0);
-      return;
-    }
-    if (o.normalizer == sapa::kSoftmax) {
-      std::fill(mean, mean + width, A(0));
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < width; ++j) mean[j] += w[t * width + j] * dw[t * width + j];
-      for (int64_t e = 0; e < n * width; e += width)
+    A *weight = spread, *top = spread + width, *centre = spread + 2 * width;
+    A* residual = spread + 3 * width;
+    std::fill(weight, weight + 4 * width, A(0));
+    if (o.normalizer != sapa::kNone) {
+      std::fill(top, top + width, -std::numeric_limits<A>::infinity());
+      for (int64_t e = 0; e < n * width; e += width)  // pass 1: sapa::SpreadSums::add
+        for (int64_t j = 0; j < width; ++j) {
+          weight[j] += w[e + j];
+          const bool higher = w[e + j] > top[j];
+          top[j] = higher ? w[e + j] : top[j];
+          centre[j] = higher ? dw[e + j] : centre[j];
+        }
+      for (int64_t j = 0; j < width; ++j) centre[j] = sapa::spread_centre(centre[j]);
+      for (int64_t e = 0; e < n * width; e += width)  // pass 2
         for (int64_t j = 0; j < width; ++j)
-          dl[e + j] = counted(inside, e + j) ? w[e + j] * (dw[e + j] - mean[j]) : A(0);
-      return;
+          residual[j] += sapa::spread_residual(w[e + j], dw[e + j], centre[j]);
     }
-    for (int64_t e = 0; e < n * width; ++e) h[e] = sapa::h_value(o.normalizer, logit[e]);
-    A* acc = mean;
-    for (int64_t t = 0; t < n; ++t) {
-      const A* dwt = dw + t * width;
-      for (int64_t j = 0; j < width; ++j) acc[j] = A(o.eps) * dwt[j];
-      for (int64_t u = 0; u < n; ++u)
-        for (int64_t j = 0; j < width; ++j)
-          acc[j] += h[u * width + j] * (dwt[j] - dw[u * width + j]);
-      for (int64_t j = 0; j < width; ++j) {
-        const int64_t e = t * width + j;
-        const A dh = st1[j] != A(0) ? dwt[j] : acc[j] * (st0[j] * st0[j]);
-        dl[e] = counted(inside, e) ? sapa::h_vjp(o.normalizer, logit[e], dh) : A(0);
-      }
-    }
+    const A eps = A(o.eps);
+    for (int64_t e = 0; e < n * width; e += width)  // pass 3
+      for (int64_t j = 0; j < width; ++j)
+        dl[e + j] = counted(inside, e + j)
+                        ? sapa::tap_logit_gradient(
+                              o.normalizer, eps, st0[j], st1[j], logit[e + j], w[e + j],
+                              dw[e + j], sapa::spread(weight[j], centre[j], residual[j], dw[e + j]))
+                        : A(0);
   }
 
   // Per-thread buffers of the forward and the first backward pass.
   struct Work {
     Band<T, A> kband, vband;
-    std::vector<A> qT, gT, logit, w, dw, dl, h, st0, st1, mean, qzero, gzero, poison, coef;
+    std::vector<A> qT, gT, logit, w, dw, dl, spread, st0, st1, qzero, gzero, poison, coef;
     std::vector<A> wT, dlT;  // w and dl point-major: the taps of lane j at [j * taps]
     std::vector<uint8_t> inside;
     std::vector<const A*> rows, kwin, vwin;
@@ -276,8 +285,8 @@ struct Kernel {
         : kband(kn.g, kn.g.d, kn.band_w), vband(kn.g, backward ? kn.g.C : 0, kn.band_w),
           qT(zeros<A>(kn.g.d * kn.width)), gT(zeros<A>(backward ? kn.g.C * kn.width : 0)),
           logit(zeros<A>(kn.taps() * kn.width)), w(logit),
-          dw(zeros<A>(backward ? kn.taps() * kn.width : 0)), dl(dw), h(dw), st0(zeros<A>(kn.width)),
-          st1(st0), mean(st0), qzero(st0), gzero(st0), poison(st0),
+          dw(zeros<A>(backward ? kn.taps() * kn.width : 0)), dl(dw),
+          spread(zeros<A>(backward ? 4 * kn.width : 0)), st0(zeros<A>(kn.width)), st1(st0), qzero(st0), gzero(st0), poison(st0),
           coef(zeros<A>(kn.g.s * kn.taps())), wT(zeros<A>(kn.taps() * kn.width)), dlT(dw),
           inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())), kwin(size_t(kn.g.K)),
           vwin(size_t(kn.g.K)), outs(size_t(kn.g.s)), tap_of(size_t(kn.taps())),
@@ -319,7 +328,7 @@ struct Kernel {
       tap_products(wk.qT.data(), wk.kwin.data(), g.d, wk.logit.data(), wk.qzero.data());
       mask_uncounted(wk.logit.data(), wk.inside.data());
       normalise_row(wk.logit.data(), wk.w.data(), wk.st0.data(), wk.st1.data());
-      out_poison(wk.w.data(), wk.inside.data(), wk.poison.data());
+      out_poison(li, wk.w.data(), wk.inside.data(), wk.poison.data());
       for (int64_t j = 0; j < g.oW(); ++j) {
         stat[g.stat_at(b, i, j)] = wk.st0[j];
         stat[g.stat_at(b, i, j) + 1] = wk.st1[j];
@@ -338,7 +347,7 @@ struct Kernel {
 
   // The scratch between the backward passes is this back end's own (Python drops it): the
   // weights and logit gradients in gather order, (n, H, W, K*K, s, s): entry (m, p, si, sj) is
-  // tap p of output point (l s + si, l_j s + sj) with centre l = m - p. Pass 2 then reads the
+  // tap p of output point (l s + si, l_j s + sj) with centre l = m - p. backward_gather reads the
   // (s K)^2 coefficients of low-res point m contiguously; entries whose centre is outside the
   // map are never written nor read.
   int64_t gather_at(int64_t b, int64_t mi, int64_t mj) const {
@@ -364,9 +373,9 @@ struct Kernel {
     }
   }
 
-  // Backward pass 1: dq of output rows li*s .. li*s+s-1, and the weights and logit gradients
+  // backward_points (pass 1): dq of output rows li*s .. li*s+s-1, and the weights and logit gradients
   // of every tap into the gather-ordered scratch.
-  SAPA_CLONES void backward_point_item(const T* q, const T* k, const T* v, const A* stat,
+  SAPA_CLONES void backward_points_item(const T* q, const T* k, const T* v, const A* stat,
                                        const T* gout, T* dq, A* w_out, A* dl_out, int64_t b,
                                        int64_t li, Work& wk) const {
     const int64_t n = taps();
@@ -375,7 +384,7 @@ struct Kernel {
     wk.k.load(k + g.k_at(b, 0, 0), std::max<int64_t>(li - g.r, 0), std::min(li + g.r + 1, g.H));
     inside_mask(li, wk.inside.data());
     A *logit = wk.logit.data(), *w = wk.w.data(), *dw = wk.dw.data(), *dl = wk.dl.data();
-    A *st0 = wk.st0.data(), *st1 = wk.st1.data(), *mean = wk.mean.data();
+    A *st0 = wk.st0.data(), *st1 = wk.st1.data();
     const uint8_t* inside = wk.inside.data();
     for (int64_t i = li * g.s; i < (li + 1) * g.s; ++i) {
       transpose_row(q + g.q_at(b, i, 0), g.d, wk.qT.data());
@@ -388,8 +397,8 @@ struct Kernel {
         st1[j] = stat[g.stat_at(b, i, j) + 1];
       }
       weights_row(logit, st0, st1, w);
-      logit_gradients(logit, w, dw, st0, st1, inside, wk.h.data(), mean, dl);
-      dq_poison(dl, wk.qzero.data(), inside, wk.poison.data());
+      logit_gradients(logit, w, dw, st0, st1, inside, wk.spread.data(), dl);
+      dq_poison(li, dl, wk.qzero.data(), inside, wk.poison.data());
       transpose(w, width, n, g.oW(), wk.wT.data(), n);
       transpose(dl, width, n, g.oW(), wk.dlT.data(), n);
       scatter_taps(wk.wT.data(), b, li, i - li * g.s, w_out);
@@ -404,7 +413,7 @@ struct Kernel {
     }
   }
 
-  // Backward pass 2 (the gather): dk and dv of low-res row mi, gathered from the output points
+  // backward_gather (pass 2): dk and dv of low-res row mi, gathered from the output points
   // of every centre l = m - p whose window reaches m: taps in order, then the s x s points in
   // order, the coefficients read contiguously from the gather-ordered scratch.
   struct GatherWork {
@@ -475,7 +484,7 @@ struct Kernel {
         pool, g.n * g.H, 2 * item_flops(), [&] { return Work(*this, true); },
         [&](Work& wk, int64_t begin, int64_t end) {
           for (int64_t item = begin; item < end; ++item)
-            backward_point_item(q, k, v, stat, gout, dq, w, dl, item / g.H, item % g.H, wk);
+            backward_points_item(q, k, v, stat, gout, dq, w, dl, item / g.H, item % g.H, wk);
         });
     parallel_for(
         pool, g.n * g.H, item_flops(), [&] { return GatherWork(*this); },
