@@ -1,6 +1,9 @@
 // pybind11 module handing the CPU handlers to Python as capsules (see sapa_jax/_ffi.py).
 #include <pybind11/pybind11.h>
 
+#include <pybind11/stl.h>
+
+#include "cpu/levels.h"
 #include "sapa_contract.h"
 #include "sapa_handlers.h"
 
@@ -22,4 +25,10 @@ PYBIND11_MODULE(_sapa_cpu, m) {
         "Attribute codes and supported dtypes of the CPU handlers.");
   m.def("set_max_workers", &sapa::set_cpu_max_workers, py::arg("workers"),
         "Test-only: the most workers a call splits its work over (0: no cap).");
+  m.def("simd_levels", &sapa::cpu::simd_levels,
+        "SIMD levels of the CPU kernels compiled in and supported here, worst first.");
+  m.def("simd_level", &sapa::cpu::simd_level, "The SIMD level the CPU kernels run at.");
+  m.def("set_simd_level", &sapa::cpu::set_simd_level, py::arg("level"),
+        "Test-only: run the CPU kernels at `level` (one of simd_levels(), or \"auto\": the best, "
+        "as chosen at load). ValueError for a level this build or processor does not have.");
 }
