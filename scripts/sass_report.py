@@ -76,8 +76,13 @@ ROLES = {
     "stage_points": ("stage", "for (int pt = warp; pt < npts; pt += kWarps) {", ("fixed", 4)),
     "stage_halo_points": ("stage", "for (int i = warp; i < npts; i += kWarps) {", ("fixed", 4)),
 }
-# v2 roles (fully unrolled taps): filled in below from the v2 kernels' shapes.
-V2_ROLES: dict[str, tuple] = {}
+# v2 roles (xla_ffi/cuda/v2_*.cuh): taps fully unrolled, so the role's innermost FFMA loop is
+# the loop over work items and one iteration runs all K*K taps of one item.
+V2_ROLES = {
+    "logits_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
+    "assemble_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
+    "stage_padded": ("stage", "for (int hx = 0; hx < h.cols; ++hx) {", ("fixed", 4)),
+}
 
 TILED = ("forward_tiled", "backward_points_tiled", "backward_lowres_tiled")
 PLAN_KERNEL_INDEX = {"forward_tiled": 0, "backward_points_tiled": 1, "backward_lowres_tiled": 2}
@@ -398,7 +403,9 @@ def analyse(funcs: list[Function], kernels: set[str], index: SourceIndex,
                 inner = [lp for lp in with_ffma if not any(lp.contains(o) for o in with_ffma)]
                 if not inner:
                     continue
-                chosen = max(inner, key=lambda lp: lp.end - lp.start)
+                # Several copies (the first-chunk variant that stores, the later-chunk one that
+                # adds): the smallest is the one the preset runs (d = 32 is a single chunk).
+                chosen = min(inner, key=lambda lp: lp.end - lp.start)
             inner = [lp for lp in loops if chosen.contains(lp)]
             body = [ins for i, ins in enumerate(fn.instrs[chosen.start:chosen.end + 1],
                                                 chosen.start)
