@@ -82,6 +82,10 @@ V2_ROLES = {
     "logits_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
     "assemble_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
     "stage_padded": ("stage", "for (int hx = 0; hx < h.cols; ++hx) {", ("fixed", 4)),
+    # a strip of 2 low-res points per thread: 2 K*K point-taps per iteration
+    "gather_strips": ("tap", None, ("fixed", lambda p: 2 * p["K"] ** 2)),
+    "stage_points_padded": ("stage", "for (int col = 0; col < h.cols * S; ++col) {",
+                            ("fixed", 4)),
 }
 
 TILED = ("forward_tiled", "backward_points_tiled", "backward_lowres_tiled")
