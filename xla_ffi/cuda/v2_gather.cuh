@@ -17,6 +17,7 @@
 namespace v2 {
 
 constexpr int kStrip = 2;  // low-res points per thread in the gather, stacked vertically
+template <int K, int S> constexpr int kUnrollRows = K * S * S <= 20 ? K + 1 : 1;
 
 __device__ __forceinline__ PaddedHalo strip_halo(const Tile& t, int r) {
   return PaddedHalo{t.ty0 - r, t.tx0 - r, (t.ch + kStrip - 1) / kStrip * kStrip + 2 * r,
@@ -103,31 +104,34 @@ __device__ __forceinline__ void gather_strips(T* __restrict__ dst, int row_len, 
     // Halo pixel (cy + j, cx + 2r - kx) is centre m - p for the tap (K - 1 - j, kx) of m0.
     const float* src = rows + (cy * h.cols + cx + 2 * Sh::r) * Sh::s2 * kChunk + lane;
     float acc0 = 0.f, acc1 = 0.f;
-#pragma unroll
+    // Halo rows unrolled only while the row holds few FMAs: beyond that (K = 7 or s = 4) a fully
+    // unrolled strip needs more than the 80 registers of 3 blocks per SM and ptxas spills.
+#pragma unroll(kUnrollRows<K, S>)
     for (int j = 0; j <= K; ++j) {
 #pragma unroll
       for (int kx = 0; kx < K; ++kx) {
         const float* v = src + (j * h.cols - kx) * Sh::s2 * kChunk;
-        float x[Sh::s2pad];
-#pragma unroll
-        for (int si = 0; si < Sh::s2pad; ++si) x[si] = si < Sh::s2 ? v[si * kChunk] : 0.f;
 #pragma unroll
         for (int g = 0; g < Sh::groups; ++g) {
+          float x[kSub];  // the group's staged values, loaded once for both points
+#pragma unroll
+          for (int i = 0; i < kSub; ++i)
+            x[i] = 4 * g + i < Sh::s2 ? v[(4 * g + i) * kChunk] : 0.f;
           if (j < K) {  // tap row K - 1 - j of the first point
             const float4 w = reinterpret_cast<const float4*>(
                 w0 + ((K - 1 - j) * K + kx) * Sh::s2pad)[g];
-            acc0 = fmaf(w.x, x[4 * g + 0], acc0);
-            if (4 * g + 1 < Sh::s2) acc0 = fmaf(w.y, x[4 * g + 1], acc0);
-            if (4 * g + 2 < Sh::s2) acc0 = fmaf(w.z, x[4 * g + 2], acc0);
-            if (4 * g + 3 < Sh::s2) acc0 = fmaf(w.w, x[4 * g + 3], acc0);
+            acc0 = fmaf(w.x, x[0], acc0);
+            if (4 * g + 1 < Sh::s2) acc0 = fmaf(w.y, x[1], acc0);
+            if (4 * g + 2 < Sh::s2) acc0 = fmaf(w.z, x[2], acc0);
+            if (4 * g + 3 < Sh::s2) acc0 = fmaf(w.w, x[3], acc0);
           }
           if (j > 0) {  // tap row K - j of the second point
             const float4 w = reinterpret_cast<const float4*>(
                 w1 + ((K - j) * K + kx) * Sh::s2pad)[g];
-            acc1 = fmaf(w.x, x[4 * g + 0], acc1);
-            if (4 * g + 1 < Sh::s2) acc1 = fmaf(w.y, x[4 * g + 1], acc1);
-            if (4 * g + 2 < Sh::s2) acc1 = fmaf(w.z, x[4 * g + 2], acc1);
-            if (4 * g + 3 < Sh::s2) acc1 = fmaf(w.w, x[4 * g + 3], acc1);
+            acc1 = fmaf(w.x, x[0], acc1);
+            if (4 * g + 1 < Sh::s2) acc1 = fmaf(w.y, x[1], acc1);
+            if (4 * g + 2 < Sh::s2) acc1 = fmaf(w.z, x[2], acc1);
+            if (4 * g + 3 < Sh::s2) acc1 = fmaf(w.w, x[3], acc1);
           }
         }
       }
