@@ -142,15 +142,15 @@ __device__ __forceinline__ void gather_strips(T* __restrict__ dst, int row_len, 
   }
 }
 
-// Shared floats of backward_lowres_v2 for a TH x TW tile.
-inline int64_t lowres_shared_floats(const Params& P, int64_t TH, int64_t TW) {
+// Shared floats of backward_gather_v2 for a TH x TW tile.
+inline int64_t gather_shared_floats(const Params& P, int64_t TH, int64_t TW) {
   const int64_t rows = (TH + kStrip - 1) / kStrip * kStrip + 2 * int64_t{P.r};
   return TH * TW * P.T * P.s2pad + rows * (TW + 2 * int64_t{P.r}) * P.s2 * kChunk;
 }
 
 template <typename T, int K, int S>
 __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
-    backward_lowres_v2(Params P, const T* __restrict__ q, const T* __restrict__ g,
+    backward_gather_v2(Params P, const T* __restrict__ q, const T* __restrict__ g,
                        const float* __restrict__ w_in, const float* __restrict__ dlogit_in,
                        T* __restrict__ dk, T* __restrict__ dv) {
   using Sh = Shape<K, S>;

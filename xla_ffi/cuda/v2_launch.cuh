@@ -1,6 +1,6 @@
 // Host side of the second-generation kernels (issue 15): which generation runs, and the
 // launchers of the compile-time specialisations. Generation 2 (the default) runs forward_v2 and
-// backward_lowres_v2 where they apply (K in {3, 5, 7}, s in {1, 2, 4}, the tile fits; the forward
+// backward_gather_v2 where they apply (K in {3, 5, 7}, s in {1, 2, 4}, the tile fits; the forward
 // also needs 4-element-aligned q rows), and the generic kernels everywhere else; generation 1
 // always runs the generic kernels, so that one process can measure both
 // (sapa::set_cuda_kernel_generation, the module's set_kernel_generation).
@@ -19,7 +19,7 @@ constexpr bool specialised(int K, int s) {
 inline bool use_forward(const Params& P) {
   return generation_setting.load() == 2 && specialised(P.K, P.s) && P.vec_q;
 }
-inline bool use_lowres(const Params& P) {
+inline bool use_gather(const Params& P) {
   return generation_setting.load() == 2 && specialised(P.K, P.s);
 }
 
@@ -55,15 +55,15 @@ template <typename T> struct Forward {
   };
 };
 
-template <typename T> struct Lowres {
+template <typename T> struct Gather {
   template <int K, int S> struct At {
     static ffi::Error run(cudaStream_t stream, const Params& P, const Plan& plan, const T* q,
                           const T* g, const float* w, const float* dlogit, T* dk, T* dv) {
-      if (auto err = allow_shared(backward_lowres_v2<T, K, S>, plan.shared_bytes); err.failure())
+      if (auto err = allow_shared(backward_gather_v2<T, K, S>, plan.shared_bytes); err.failure())
         return err;
-      backward_lowres_v2<T, K, S><<<static_cast<unsigned>(plan.blocks), kThreads,
+      backward_gather_v2<T, K, S><<<static_cast<unsigned>(plan.blocks), kThreads,
                                     plan.shared_bytes, stream>>>(P, q, g, w, dlogit, dk, dv);
-      return launch_error("backward_lowres_v2");
+      return launch_error("backward_gather_v2");
     }
   };
 };
