@@ -1,4 +1,5 @@
-"""Builds the CPU emulation of xla_ffi/sapa_cuda.cu as a Python extension (see emu_core.h)."""
+"""Builds the CPU emulation of the CUDA back end (xla_ffi/sapa_cuda.cu, xla_ffi/cuda/) as a Python
+extension (see emu_core.h)."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +12,9 @@ from .transform import TransformMismatch, transform  # noqa: F401  (re-exported)
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-CUDA_SOURCE = REPO / "xla_ffi" / "sapa_cuda.cu"
+FFI_DIR = REPO / "xla_ffi"
+# The CUDA sources, relative to xla_ffi/: the handlers and every header of xla_ffi/cuda/.
+CUDA_SOURCES = ("sapa_cuda.cu", "cuda")
 MODULE = "sapa_cuda_emu"
 UBSAN_CHECKS = "alignment,bounds,signed-integer-overflow"
 UBSAN_REPORT = "runtime error:"  # how every UBSan report begins its message
@@ -46,8 +49,18 @@ def build(out_dir: pathlib.Path):
     barrier calls of the source as `module.barrier_sites` (transform.BarrierSite)."""
     includes = _include_dirs()
     out_dir = pathlib.Path(out_dir)
-    source, sites = transform(CUDA_SOURCE.read_text())
-    (out_dir / f"{MODULE}.inc").write_text(source)
+    sources = {}
+    for entry in CUDA_SOURCES:
+        path = FFI_DIR / entry
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        sources.update({str(p.relative_to(FFI_DIR)): p.read_text() for p in files})
+    rewritten, sites = transform(sources)
+    # Mirrored under out_dir, which comes first on the include path: the rewritten .cu includes
+    # the rewritten headers ("cuda/forward.cuh", ...), and sapa_common.h & co. from xla_ffi/.
+    for name, text in rewritten.items():
+        target_file = out_dir / name
+        target_file.parent.mkdir(parents=True, exist_ok=True)
+        target_file.write_text(text)
     target = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
     # -O1: the build is part of the test's time budget; -O2 buys little on these tiny shapes.
     # UBSan reports (on stderr, the run goes on) what x86 would let pass but a GPU would not:
@@ -64,7 +77,7 @@ def build(out_dir: pathlib.Path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         errors = [l for l in proc.stderr.splitlines() if "error" in l][:20]
-        raise BuildFailed("g++ failed to compile the emulated sapa_cuda.cu:\n" + "\n".join(errors))
+        raise BuildFailed("g++ failed to compile the emulated CUDA sources:\n" + "\n".join(errors))
     spec = importlib.util.spec_from_file_location(MODULE, target)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

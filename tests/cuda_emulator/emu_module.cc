@@ -1,13 +1,17 @@
-// pybind11 module around the FFI implementation functions of xla_ffi/sapa_cuda.cu, compiled
+// pybind11 module around the entry points of the CUDA back end (xla_ffi/cuda/entry.h), compiled
 // on the CPU against the emulator headers (see emu_core.h). Numpy arrays are handed over as
 // XLA_FFI_Buffers without copies; the call returns "" on success, else the ffi::Error message.
-#include "sapa_cuda_emu.inc"  // the rewritten sapa_cuda.cu (transform.py)
+#include "sapa_cuda.cu"  // the rewritten one (transform.py), with its rewritten cuda/ headers
+
+#include "cuda/entry.h"
+#include "cuda/plan.h"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <tuple>
+#include <vector>
 
 #include "sapa_contract.h"
 
@@ -48,7 +52,7 @@ std::string forward(py::array q, py::array k, py::array v, py::array out, py::ar
                     int64_t kernel_size, int64_t scale, int64_t normalizer, int64_t border,
                     double eps) {
   Buf bq(q), bk(k), bv(v), bo(out), bs(stats);
-  return message(SapaForwardCudaImpl(nullptr, bq.any(), bk.any(), bv.any(), bo.any(), bs.any(),
+  return message(sapa::cuda::forward(nullptr, bq.any(), bk.any(), bv.any(), bo.any(), bs.any(),
                                      kernel_size, scale, normalizer, border, eps));
 }
 
@@ -58,7 +62,7 @@ std::string backward(py::array q, py::array k, py::array v, py::array stats, py:
                      int64_t normalizer, int64_t border, double eps) {
   Buf bq(q), bk(k), bv(v), bs(stats), bg(g), bdq(dq), bdk(dk), bdv(dv), bw(w_scratch),
       bd(dlogit_scratch);
-  return message(SapaBackwardCudaImpl(nullptr, bq.any(), bk.any(), bv.any(), bs.any(), bg.any(),
+  return message(sapa::cuda::backward(nullptr, bq.any(), bk.any(), bv.any(), bs.any(), bg.any(),
                                       bdq.any(), bdk.any(), bdv.any(), bw.any(), bd.any(),
                                       kernel_size, scale, normalizer, border, eps));
 }
@@ -68,6 +72,7 @@ std::string backward(py::array q, py::array k, py::array v, py::array stats, py:
 std::tuple<bool, int, int, size_t, int64_t> plan(int kernel, int64_t n, int H, int W, int s,
                                                  int K, int d, int C, int optin, int per_sm,
                                                  int sms) {
+  using namespace sapa::cuda;
   const Params P = problem_params(n, H, W, s, K, d, C, 0, 0, 1e-6f, true);
   DeviceLimits dev;
   dev.optin = optin;
@@ -77,12 +82,50 @@ std::tuple<bool, int, int, size_t, int64_t> plan(int kernel, int64_t n, int H, i
   return {p.tiled, p.TH, p.TW, p.shared_bytes, p.blocks};
 }
 
+// Test-only: the shared normaliser layer of sapa_common.h (point_stats, tap_weight,
+// point_logit_gradients) on given logits and dw of shape (points, taps), in A = float or double;
+// inside: which taps are in the map (border "valid" counts only those). Returns
+// (stats (points, 2), w, dlogit), all in A.
+template <typename A>
+py::tuple logit_gradients(int64_t normalizer, int64_t border, double eps,
+                          py::array_t<A, py::array::c_style> logit,
+                          py::array_t<A, py::array::c_style> dw,
+                          py::array_t<bool, py::array::c_style> inside) {
+  if (logit.ndim() != 2 || dw.ndim() != 2 || inside.ndim() != 2 ||
+      dw.shape(0) != logit.shape(0) || dw.shape(1) != logit.shape(1) ||
+      inside.shape(0) != logit.shape(0) || inside.shape(1) != logit.shape(1))
+    throw std::invalid_argument("logit, dw and inside must have one (points, taps) shape");
+  const int64_t points = logit.shape(0), taps = logit.shape(1);
+  py::array_t<A> stats({points, int64_t{2}}), w({points, taps}), dlogit({points, taps});
+  const A* x = logit.data();
+  const A* g = dw.data();
+  const bool* in = inside.data();
+  A* st = stats.mutable_data();
+  A* wo = w.mutable_data();
+  A* dl = dlogit.mutable_data();
+  for (int64_t i = 0; i < points; ++i) {
+    const A* xi = x + i * taps;
+    const bool* ini = in + i * taps;
+    auto counted = [&](int64_t p) { return sapa::tap_counted(border, ini[p]); };
+    sapa::point_stats<A>(normalizer, A(eps), taps, [&](int64_t p) { return xi[p]; }, counted,
+                         &st[2 * i], &st[2 * i + 1]);
+    for (int64_t p = 0; p < taps; ++p)
+      wo[i * taps + p] = sapa::tap_weight(normalizer, xi[p], st[2 * i], st[2 * i + 1], counted(p));
+    std::vector<uint8_t> mask(ini, ini + taps);
+    sapa::point_logit_gradients<A>(normalizer, border, A(eps), st[2 * i], st[2 * i + 1], taps, 1,
+                                   xi, wo + i * taps, g + i * taps, mask.data(), dl + i * taps);
+  }
+  return py::make_tuple(stats, w, dlogit);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(sapa_cuda_emu, m) {
   m.def("forward", &forward);
   m.def("plan", &plan);
   m.def("backward", &backward);
+  m.def("logit_gradients_f32", &logit_gradients<float>);
+  m.def("logit_gradients_f64", &logit_gradients<double>);
   // (grid, block, dynamic shared bytes) of every launch since the last call; empties the log.
   m.def("take_launches", []() {
     std::vector<std::tuple<unsigned, int, size_t>> out;
@@ -94,7 +137,7 @@ PYBIND11_MODULE(sapa_cuda_emu, m) {
   m.def("set_schedule", &emu::set_schedule, py::arg("mode"), py::arg("seed") = 0);
   // Barrier the kernels skip (numbers from transform.py), -1 for none.
   m.def("drop_barrier", [](int index) { emu::dropped_barrier = index; });
-  m.def("contract", [] { return sapa::contract({"float32", "bfloat16", "float16"}); });
+  m.def("contract", [] { return sapa::contract(sapa::cuda::kSupportedTypes); });
   // The planner settings of the CUDA module's set_planner (sapa_handlers.h).
   m.def(
       "set_planner",
