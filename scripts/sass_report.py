@@ -88,8 +88,9 @@ V2_ROLES = {
                             ("fixed", 4)),
 }
 
-TILED = ("forward_tiled", "backward_points_tiled", "backward_lowres_tiled")
-PLAN_KERNEL_INDEX = {"forward_tiled": 0, "backward_points_tiled": 1, "backward_lowres_tiled": 2}
+# The tiled kernels and their planner Kernel index (the enum's order in the CUDA planner).
+PLAN_KERNEL_INDEX = {"forward_tiled": 0, "backward_points_tiled": 1, "backward_gather_tiled": 2,
+                     "backward_lowres_tiled": 2, "forward_v2": 3, "backward_gather_v2": 4}
 SHAPES = {"gpu-preset B8 64->128": (8, 64, 64), "authors B1 120->240": (1, 120, 120)}
 
 
@@ -472,6 +473,12 @@ def resident_blocks(shared_bytes: int, registers: int) -> int:
 
 
 def plans(kernel_regs: dict[str, int]) -> list[str]:
+    """PLAN lines for the tiled kernels that the module has (kernel_regs' keys)."""
+    tiled = [k for k in PLAN_KERNEL_INDEX if k in kernel_regs]
+    return _plans(tiled, kernel_regs)
+
+
+def _plans(tiled: list[str], kernel_regs: dict[str, int]) -> list[str]:
     """PLAN lines from the emulator's make_plan (the CUDA planner compiled for the CPU)."""
     sys.path.insert(0, str(REPO / "tests"))
     from cuda_emulator import build as emu_build
@@ -479,7 +486,7 @@ def plans(kernel_regs: dict[str, int]) -> list[str]:
         emu = emu_build.build(pathlib.Path(d))
         lines = []
         for shape, (n, H, W) in SHAPES.items():
-            for kernel in TILED:
+            for kernel in tiled:
                 tiled, TH, TW, smem, blocks = emu.plan(
                     PLAN_KERNEL_INDEX[kernel], n, H, W, PRESET["s"], PRESET["K"], PRESET["d"],
                     PRESET["C"], H100_OPTIN, H100_PER_SM, H100_SMS)

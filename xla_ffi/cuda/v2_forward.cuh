@@ -11,11 +11,14 @@
 // Shared memory (floats): [weights: TH*TW*T*s2pad][halo: (TH+2r)*(TW+2r)*kValueChunk]; the halo
 // region holds k chunks at row stride kChunkStride, then v chunks at row stride kValueChunk.
 //
-// Included by the CUDA module after the generic kernels (it reuses Params, Tile, the loaders and
-// the normaliser helpers); the emulator compiles it unchanged.
-#pragma once
+// Host side (where v2 applies, its shared-memory size): cuda/v2_plan.h.
+#ifndef SAPA_JAX_XLA_FFI_CUDA_V2_FORWARD_CUH_
+#define SAPA_JAX_XLA_FFI_CUDA_V2_FORWARD_CUH_
 
-namespace v2 {
+#include "cuda/tile.cuh"
+#include "cuda/v2_plan.h"
+
+namespace sapa::cuda::v2 {
 
 // Compile-time shape of one specialisation.
 template <int K, int S> struct Shape {
@@ -209,19 +212,13 @@ __device__ __forceinline__ void normalise_points(float* wbuf, float* __restrict_
   for (int pt = threadIdx.x; pt < npts; pt += kThreads) {
     const Point p = point_of(pt, t, P);
     float* w = wbuf + p.ci * P.T * P.s2pad + p.si;
-    const float2 st = point_stats(w, P.s2pad, p.Y, p.X, P);
+    const float2 st = tap_stats(w, P.s2pad, p.Y, p.X, P);
     for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
       float& x = w[tap * P.s2pad];
       x = sapa::tap_weight(P.normalizer, x, st.x, st.y, sapa::tap_counted(P.border, inside));
     });
     reinterpret_cast<float2*>(stats)[pixel(t.b, p.oy, p.ox, P.oH, P.oW)] = st;
   }
-}
-
-// Shared floats of forward_v2 for a TH x TW tile.
-inline int64_t forward_shared_floats(const Params& P, int64_t TH, int64_t TW) {
-  const int64_t halo = (TH + 2 * int64_t{P.r}) * (TW + 2 * int64_t{P.r});
-  return TH * TW * P.T * P.s2pad + halo * kValueChunk;
 }
 
 template <typename T, int K, int S>
@@ -261,4 +258,6 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   }
 }
 
-}  // namespace v2
+}  // namespace sapa::cuda::v2
+
+#endif  // SAPA_JAX_XLA_FFI_CUDA_V2_FORWARD_CUH_

@@ -12,11 +12,14 @@
 // Shared memory (floats): [per-tap values: TH*TW*T*s2pad][halo points: rows*cols*s2*kChunk] with
 // rows = TH rounded up to even + 2r and cols = TW + 2r (the strip's second point of an odd last
 // row reads one row past the tile; its result is discarded).
-#pragma once
+#ifndef SAPA_JAX_XLA_FFI_CUDA_V2_GATHER_CUH_
+#define SAPA_JAX_XLA_FFI_CUDA_V2_GATHER_CUH_
 
-namespace v2 {
+#include "cuda/tile.cuh"
+#include "cuda/v2_forward.cuh"  // Shape, PaddedHalo, div_small
+#include "cuda/v2_plan.h"
 
-constexpr int kStrip = 2;  // low-res points per thread in the gather, stacked vertically
+namespace sapa::cuda::v2 {
 template <int K, int S> constexpr int kUnrollRows = K * S * S <= 20 ? K + 1 : 1;
 
 __device__ __forceinline__ PaddedHalo strip_halo(const Tile& t, int r) {
@@ -142,12 +145,6 @@ __device__ __forceinline__ void gather_strips(T* __restrict__ dst, int row_len, 
   }
 }
 
-// Shared floats of backward_gather_v2 for a TH x TW tile.
-inline int64_t gather_shared_floats(const Params& P, int64_t TH, int64_t TW) {
-  const int64_t rows = (TH + kStrip - 1) / kStrip * kStrip + 2 * int64_t{P.r};
-  return TH * TW * P.T * P.s2pad + rows * (TW + 2 * int64_t{P.r}) * P.s2 * kChunk;
-}
-
 template <typename T, int K, int S>
 __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     backward_gather_v2(Params P, const T* __restrict__ q, const T* __restrict__ g,
@@ -181,4 +178,6 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   }
 }
 
-}  // namespace v2
+}  // namespace sapa::cuda::v2
+
+#endif  // SAPA_JAX_XLA_FFI_CUDA_V2_GATHER_CUH_
