@@ -474,11 +474,10 @@ def resident_blocks(shared_bytes: int, registers: int) -> int:
 
 def plans(kernel_regs: dict[str, int]) -> list[str]:
     """PLAN lines for the tiled kernels that the module has (kernel_regs' keys)."""
-    tiled = [k for k in PLAN_KERNEL_INDEX if k in kernel_regs]
-    return _plans(tiled, kernel_regs)
+    return _plans([k for k in PLAN_KERNEL_INDEX if k in kernel_regs], kernel_regs)
 
 
-def _plans(tiled: list[str], kernel_regs: dict[str, int]) -> list[str]:
+def _plans(kernels: list[str], kernel_regs: dict[str, int]) -> list[str]:
     """PLAN lines from the emulator's make_plan (the CUDA planner compiled for the CPU)."""
     sys.path.insert(0, str(REPO / "tests"))
     from cuda_emulator import build as emu_build
@@ -486,7 +485,7 @@ def _plans(tiled: list[str], kernel_regs: dict[str, int]) -> list[str]:
         emu = emu_build.build(pathlib.Path(d))
         lines = []
         for shape, (n, H, W) in SHAPES.items():
-            for kernel in tiled:
+            for kernel in kernels:
                 tiled, TH, TW, smem, blocks = emu.plan(
                     PLAN_KERNEL_INDEX[kernel], n, H, W, PRESET["s"], PRESET["K"], PRESET["d"],
                     PRESET["C"], H100_OPTIN, H100_PER_SM, H100_SMS)
@@ -500,10 +499,14 @@ def _plans(tiled: list[str], kernel_regs: dict[str, int]) -> list[str]:
         return lines
 
 
-def report(arch: str, keep: pathlib.Path | None, with_plans: bool = True) -> list[str]:
+def report(arch: str, keep: pathlib.Path | None, with_plans: bool = True,
+           prebuilt: tuple[pathlib.Path, pathlib.Path] | None = None) -> list[str]:
     work = keep or pathlib.Path(tempfile.mkdtemp(prefix="sass_report_"))
     work.mkdir(parents=True, exist_ok=True)
-    cubins, log = build(work, arch)
+    if prebuilt:  # a cubin built as build() does, and nvcc's --resource-usage output
+        cubins, log = [prebuilt[0]], prebuilt[1].read_text()
+    else:
+        cubins, log = build(work, arch)
     funcs = []
     for cubin in cubins:
         sass = disassemble(cubin)
@@ -544,9 +547,12 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--keep", type=pathlib.Path, help="keep cubins and SASS in this folder")
     ap.add_argument("--no-plans", action="store_true", help="skip the planner (no g++ build)")
+    ap.add_argument("--cubin", type=pathlib.Path, nargs=2, metavar=("CUBIN", "PTXAS_LOG"),
+                    help="reuse a build: the sm_90 cubin of xla_ffi/sapa_cuda.cu (-lineinfo) "
+                         "and nvcc's --resource-usage output")
     args = ap.parse_args(argv)
     try:
-        lines = report(args.arch, args.keep, not args.no_plans)
+        lines = report(args.arch, args.keep, not args.no_plans, args.cubin)
     except ToolMissing as e:
         print(f"sass_report: {e}", file=sys.stderr)
         return 2

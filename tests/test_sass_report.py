@@ -103,10 +103,11 @@ def test_function_extents_name_the_kernel_roles():
     """The role names of the report exist as functions in the CUDA sources it builds."""
     sources = sass_report.cuda_sources() + sorted((REPO / "xla_ffi").rglob("*.cuh"))
     names = {n for p in sources for _, _, n in sass_report.function_extents(p)}
-    missing = [r for r in sass_report.ROLES if r not in names]
-    assert not missing, f"roles of sass_report.ROLES not found in {sources}: {missing}"
+    roles = {**sass_report.ROLES, **sass_report.V2_ROLES}
+    missing = [r for r in roles if r not in names]
+    assert not missing, f"roles of sass_report.ROLES / V2_ROLES not found in {sources}: {missing}"
     index = sass_report.SourceIndex()
-    for role, (_, header, _) in sass_report.ROLES.items():
+    for role, (_, header, _) in roles.items():
         if header is None:
             continue
         assert any(index.line_of(str(p), role, header) for p in sources), (role, header)
