@@ -45,4 +45,7 @@ PYBIND11_MODULE(_sapa_cuda, m) {
       },
       py::arg("force_simple") = false, py::arg("tile_cap") = 1 << 20,
       "Test-only: take the simple kernels for every call, or cap the tiles at tile_cap^2.");
+  m.def("set_kernel_generation", &sapa::set_cuda_kernel_generation, py::arg("generation"),
+        "2 (default): the specialised v2 kernels where they apply; 1: the generic kernels only. "
+        "Returns the previous generation.");
 }

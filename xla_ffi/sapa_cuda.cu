@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <stdexcept>
 #include <cstdint>
 #include <string>
 
@@ -32,6 +33,8 @@
 #include "cuda/backward_points.cuh"
 #include "cuda/forward.cuh"
 #include "cuda/plan.h"
+#include "cuda/v2_forward.cuh"
+#include "cuda/v2_gather.cuh"
 #include "sapa_common.h"
 // The FFI headers trip diagnostics in nvcc's front end and in the host compiler behind it that a
 // plain g++ build does not report (missing return after an exhaustive switch, always_inline on
@@ -74,6 +77,54 @@ ffi::Error allow_shared(Fn* kernel, size_t bytes) {
   return ffi::Error::Success();
 }
 
+// ---- second-generation kernels (cuda/v2_plan.h): one launcher per (K, s) specialisation ----
+
+// Launch<K, S>::run(args...) for the specialisation of (K, s); v2::specialised(K, s) holds.
+template <template <int, int> class Launch, typename... Args>
+ffi::Error by_shape(int K, int s, const Args&... args) {
+  switch (K * 16 + s) {
+    case 3 * 16 + 1: return Launch<3, 1>::run(args...);
+    case 3 * 16 + 2: return Launch<3, 2>::run(args...);
+    case 3 * 16 + 4: return Launch<3, 4>::run(args...);
+    case 5 * 16 + 1: return Launch<5, 1>::run(args...);
+    case 5 * 16 + 2: return Launch<5, 2>::run(args...);
+    case 5 * 16 + 4: return Launch<5, 4>::run(args...);
+    case 7 * 16 + 1: return Launch<7, 1>::run(args...);
+    case 7 * 16 + 2: return Launch<7, 2>::run(args...);
+    case 7 * 16 + 4: return Launch<7, 4>::run(args...);
+    default: break;
+  }
+  return ffi::Error::Internal("SAPA CUDA: no v2 kernel for K = " + std::to_string(K) +
+                              ", s = " + std::to_string(s));
+}
+
+template <typename T> struct ForwardV2 {
+  template <int K, int S> struct At {
+    static ffi::Error run(cudaStream_t stream, const Params& P, const Plan& plan, const T* q,
+                          const T* k, const T* v, T* out, float* stats) {
+      if (auto err = allow_shared(v2::forward_v2<T, K, S>, plan.shared_bytes); err.failure())
+        return err;
+      v2::forward_v2<T, K, S><<<static_cast<unsigned>(plan.blocks), kThreads, plan.shared_bytes,
+                                stream>>>(P, q, k, v, out, stats);
+      return launch_error("forward_v2");
+    }
+  };
+};
+
+template <typename T> struct GatherV2 {
+  template <int K, int S> struct At {
+    static ffi::Error run(cudaStream_t stream, const Params& P, const Plan& plan, const T* q,
+                          const T* g, const float* w, const float* dlogit, T* dk, T* dv) {
+      if (auto err = allow_shared(v2::backward_gather_v2<T, K, S>, plan.shared_bytes);
+          err.failure())
+        return err;
+      v2::backward_gather_v2<T, K, S><<<static_cast<unsigned>(plan.blocks), kThreads,
+                                        plan.shared_bytes, stream>>>(P, q, g, w, dlogit, dk, dv);
+      return launch_error("backward_gather_v2");
+    }
+  };
+};
+
 template <typename T>
 ffi::Error launch_forward(cudaStream_t stream, const Params& base, const DeviceLimits& dev,
                           const void* q, const void* k, const void* v, void* out, void* stats) {
@@ -82,6 +133,13 @@ ffi::Error launch_forward(cudaStream_t stream, const Params& base, const DeviceL
   const T* qt = static_cast<const T*>(q);
   const T* kt = static_cast<const T*>(k);
   const T* vt = static_cast<const T*>(v);
+  if (v2::use_forward(base)) {
+    const Plan plan2 = make_plan(Kernel::kForwardV2, base, dev);
+    if (plan2.tiled)
+      return by_shape<ForwardV2<T>::template At>(base.K, base.s, stream, with_tile(base, plan2),
+                                                 plan2, qt, kt, vt, static_cast<T*>(out),
+                                                 static_cast<float*>(stats));
+  }
   if (plan.tiled) {
     if (auto err = allow_shared(forward_tiled<T>, plan.shared_bytes); err.failure()) return err;
     forward_tiled<T><<<static_cast<unsigned>(plan.blocks), kThreads, plan.shared_bytes, stream>>>(
@@ -125,6 +183,14 @@ ffi::Error launch_backward(cudaStream_t stream, const Params& base, const Device
   }
 
   // Pass 2: dk and dv gathered from the scratch (same stream, so after pass 1).
+  if (v2::use_gather(base)) {
+    const Plan plan = make_plan(Kernel::kBackwardGatherV2, base, dev);
+    if (plan.tiled)
+      return by_shape<GatherV2<T>::template At>(base.K, base.s, stream, with_tile(base, plan),
+                                                plan, qt, gt, static_cast<const float*>(ws),
+                                                static_cast<const float*>(ds),
+                                                static_cast<T*>(dk), static_cast<T*>(dv));
+  }
   const Plan plan2 = make_plan(Kernel::kBackwardGather, base, dev);
   const Params P2 = with_tile(base, plan2);
   if (plan2.tiled) {
@@ -243,6 +309,11 @@ ffi::Error backward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
 }  // namespace sapa::cuda
 
 namespace sapa {
+int set_cuda_kernel_generation(int generation) {
+  if (generation != 1 && generation != 2)
+    throw std::invalid_argument("generation must be 1 or 2, got " + std::to_string(generation));
+  return cuda::v2::generation_setting.exchange(generation);
+}
 void set_cuda_planner(const PlannerSettings& settings) {
   cuda::force_simple_setting.store(settings.force_simple);
   cuda::tile_cap_setting.store(std::max(settings.tile_cap, 1));

@@ -67,6 +67,10 @@ struct PlannerSettings {
   int tile_cap = 1 << 20;
 };
 void set_cuda_planner(const PlannerSettings& settings);
+// Kernel generation of the CUDA module (cuda/v2_plan.h): 2 (default) the specialised kernels
+// where they apply, 1 the generic kernels only. Returns the previous generation; throws
+// std::invalid_argument for anything but 1 or 2.
+int set_cuda_kernel_generation(int generation);
 
 }  // namespace sapa
 

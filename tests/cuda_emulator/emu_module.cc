@@ -145,4 +145,6 @@ PYBIND11_MODULE(sapa_cuda_emu, m) {
         sapa::set_cuda_planner(sapa::PlannerSettings{force_simple, tile_cap});
       },
       py::arg("force_simple") = false, py::arg("tile_cap") = 1 << 20);
+  // The CUDA module's set_kernel_generation (sapa_handlers.h): 1 generic kernels, 2 v2.
+  m.def("set_kernel_generation", &sapa::set_cuda_kernel_generation, py::arg("generation"));
 }

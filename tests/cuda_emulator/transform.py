@@ -20,7 +20,8 @@ from typing import NamedTuple
 # `extern __shared__ float4 shared4[];` -> a pointer to the emulator's per-block buffer.
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
 # `name<T><<<grid, block, bytes, stream>>>(` -> `emu::launch(name<T>, emu::Cfg(...), `
-LAUNCH = re.compile(r"(\w+\s*<\s*\w+\s*>)\s*<<<(.*?)>>>\s*\(", re.S)
+# (also `ns::name<T, K, S>`: the v2 kernels have compile-time K and s)
+LAUNCH = re.compile(r"((?:\w+::)*\w+\s*<[\w\s,:]*>)\s*<<<(.*?)>>>\s*\(", re.S)
 BARRIER = re.compile(r"\b(__syncthreads|__syncwarp)\(\)")
 
 

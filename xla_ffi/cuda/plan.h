@@ -14,11 +14,13 @@
 #include <string>
 
 #include "cuda/device.cuh"
+#include "cuda/v2_plan.h"
 
 namespace sapa::cuda {
 
-// The kernels the planner plans for: forward, backward pass 1 and backward pass 2.
-enum class Kernel { kForward, kBackwardPoints, kBackwardGather };
+// The kernels the planner plans for: forward, backward pass 1 and backward pass 2, and the
+// second-generation forward and pass 2 (cuda/v2_plan.h).
+enum class Kernel { kForward, kBackwardPoints, kBackwardGather, kForwardV2, kBackwardGatherV2 };
 
 struct Plan {
   bool tiled = false;
@@ -67,6 +69,10 @@ inline int64_t shared_floats(Kernel kernel, const Params& P, int64_t TH, int64_t
              kh * kw * kChunkStride;
     case Kernel::kBackwardGather:
       return taps + kh * kw * P.s2 * kChunk;
+    case Kernel::kForwardV2:
+      return v2::forward_shared_floats(P, TH, TW);
+    case Kernel::kBackwardGatherV2:
+      return v2::gather_shared_floats(P, TH, TW);
   }
   return 0;
 }

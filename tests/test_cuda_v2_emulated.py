@@ -1,0 +1,177 @@
+"""The second-generation CUDA kernels (xla_ffi/cuda/v2_*.cuh) run on the CPU emulator.
+
+test_cuda_emulated.py says what the emulator checks and what it cannot. This file runs the v2
+paths (compile-time K in {3, 5, 7} and s in {1, 2, 4}, zero-padded halos, unrolled taps, the
+strip gather of backward pass 2) against the float64 jnp reference, and checks that
+
+- the module's kernel-generation switch (`set_kernel_generation`) really changes the kernels
+  that run where v2 applies (their shared memory differs) and nothing where it does not;
+- generation 1 and 2 agree to rounding on the same inputs;
+- results are bitwise independent of thread and block order (no races);
+- every barrier of the v2 kernels is needed (dropping it is noticed under some schedule);
+- NaN and Inf propagate as in jnp; UBSan stays silent (the `emu` fixture).
+
+The matrix is small on purpose (each case is one XLA compile of the reference): it covers every
+K and s specialisation, all normalisers, both borders, the three dtypes, channel tails (d and C
+not multiples of 32 / 64), edge tiles, an odd last tile row (the strip's discarded second point)
+and single-row tiles.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import kernel_cases  # noqa: E402
+import test_cuda_emulated as base  # noqa: E402
+from test_cuda_emulated import emu, emu_module, env  # noqa: E402,F401  (fixtures)
+
+BF16 = base.BF16
+F32, F16 = np.float32, np.float16
+
+
+@pytest.fixture
+def gen(env):
+    """The emulator with generation 2 selected, and the default restored after the test."""
+    previous = env.set_kernel_generation(2)
+    yield env
+    env.set_kernel_generation(previous)
+
+
+def launches(emu, generation, q, k, v, g, K, s, normalizer, border, eps):
+    emu.set_kernel_generation(generation)
+    emu.take_launches()
+    results = base.run_emulated(emu, q, k, v, g, K, s, normalizer, border, eps)
+    return results, emu.take_launches()
+
+
+# lead, H, W, s, d, C, K, normalizer, border, eps, dtype, knobs
+CASES = {
+    "K3-s2-softmax-zeros-f32": ((1,), 5, 6, 2, 8, 16, 3, "softmax", "zeros", 1e-6, F32, {}),
+    "K5-s2-softmax-valid-d36-C70": ((1,), 7, 5, 2, 36, 70, 5, "softmax", "valid", 1e-6, F32, {}),
+    "K7-s1-relu-zeros-edge-tiles": ((2,), 9, 10, 1, 12, 9, 7, "relu", "zeros", 1e-6, F32, {}),
+    "K3-s4-sigmoid-valid-cap3": ((1,), 5, 4, 4, 4, 13, 3, "sigmoid", "valid", 1e-6, F32,
+                                 {"tile_cap": 3}),
+    "K5-s1-softplus-zeros-cap1": ((1,), 4, 5, 1, 8, 33, 5, "softplus", "zeros", 1e-6, F32,
+                                  {"tile_cap": 1}),
+    "K7-s2-none-valid-map-smaller": ((1,), 3, 4, 2, 8, 6, 7, "none", "valid", 1e-6, F32, {}),
+    "K5-s2-softmax-zeros-bf16": ((1,), 4, 5, 2, 32, 40, 5, "softmax", "zeros", 1e-6, BF16, {}),
+    "K3-s4-relu-valid-eps0-f16": ((1,), 3, 3, 4, 8, 6, 3, "relu", "valid", 0.0, F16, {}),
+    # d % 4 != 0: the forward stays generic (q rows are not vector-aligned), pass 2 is v2
+    "K3-s2-sigmoid-zeros-d5": ((1,), 4, 6, 2, 5, 11, 3, "sigmoid", "zeros", 1e-6, F32, {}),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_v2_matches_reference_and_generation_1(emu, gen, x64, case):
+    lead, H, W, s, d, C, K, normalizer, border, eps, dtype, knobs = case
+    if dtype is None:
+        pytest.skip("ml_dtypes not available")
+    base.set_knobs(gen, knobs)
+    q, k, v, g = base.random_inputs(0, lead, H, W, s, d, C, dtype)
+    got1, launched1 = launches(emu, 1, q, k, v, g, K, s, normalizer, border, eps)
+    got2, launched2 = launches(emu, 2, q, k, v, g, K, s, normalizer, border, eps)
+    # forward, pass 1, pass 2; v2 forward and pass 2 plan other shared memory than generation 1
+    assert len(launched1) == len(launched2) == 3, (launched1, launched2)
+    forward_v2 = d % 4 == 0
+    assert (launched1[0] != launched2[0]) == forward_v2, (launched1, launched2)
+    assert launched1[1] == launched2[1], (launched1, launched2)  # pass 1 has no v2 yet
+    assert launched1[2] != launched2[2], (launched1, launched2)
+
+    want = base.reference(q, k, v, g, K, s, normalizer, border, eps)
+    tol = base.TOL[np.dtype(dtype)]
+    for name, a1, a2, b in zip(("out", "dq", "dk", "dv"), got1[:1] + got1[2:5],
+                               got2[:1] + got2[2:5], want):
+        a2 = a2.reshape(b.shape).astype(np.float64)
+        assert np.isfinite(a2).all(), f"{name}: non-finite values (unwritten or NaN shared memory)"
+        scale = max(np.abs(b).max(), 1e-30)
+        err = np.abs(a2 - b).max() / scale
+        assert err <= tol, f"{name}: relative error {err:.2e} (generation 2)"
+        gap = np.abs(a2 - a1.reshape(b.shape).astype(np.float64)).max() / scale
+        assert gap <= 2 * tol, f"{name}: generations 1 and 2 differ by {gap:.2e}"
+    # The stats (and the pass-1 scratch made from them) differ by the logits' rounding only:
+    # v2 sums each q.k in one FMA chain, the generic kernel in four.
+    for i in (1, 5, 6):
+        a1, a2 = (x.astype(np.float64) for x in (got1[i], got2[i]))
+        gap = np.abs(a2 - a1).max() / max(np.abs(a1).max(), 1e-30)
+        assert gap <= 2 * tol, f"{base.RESULT_NAMES[i]}: generations differ by {gap:.2e}"
+
+
+def test_generation_switch_checks_its_argument(emu_module):
+    previous = emu_module.set_kernel_generation(2)
+    try:
+        for bad in (0, 3, -1):
+            with pytest.raises(ValueError, match=rf"generation must be 1 or 2, got {bad}"):
+                emu_module.set_kernel_generation(bad)
+        assert emu_module.set_kernel_generation(1) == 2
+        assert emu_module.set_kernel_generation(2) == 1
+    finally:
+        emu_module.set_kernel_generation(previous)
+
+
+def test_unspecialised_shapes_keep_the_generic_kernels(emu, gen):
+    # K = 9 and s = 3 have no v2 specialisation: generation 2 launches what generation 1 does.
+    for K, s in ((9, 2), (3, 3)):
+        q, k, v, g = base.random_inputs(1, (1,), 3, 4, s, 8, 8, F32)
+        _, launched1 = launches(emu, 1, q, k, v, g, K, s, "softmax", "zeros", 1e-6)
+        _, launched2 = launches(emu, 2, q, k, v, g, K, s, "softmax", "zeros", 1e-6)
+        assert launched1 == launched2, (K, s, launched1, launched2)
+
+
+# Probes that reach every v2 barrier: two key chunks and two value chunks over several tiles,
+# one chunk on a full tile, and no channels at all.
+PROBES = {
+    "v2-cap2-2-key-chunks": ((2,), 5, 6, 2, 40, 70, 3, "softmax", "zeros", {"tile_cap": 2}),
+    "v2-full-tile-1-key-chunk": ((1,), 9, 9, 2, 12, 20, 5, "relu", "valid", {}),
+    "v2-no-channels": ((1,), 3, 4, 2, 0, 0, 3, "softplus", "zeros", {}),
+}
+
+
+def v2_barriers(emu_module):
+    return [site for site in emu_module.barrier_sites if "v2_" in site.file]
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=PROBES.keys())
+def test_v2_results_do_not_depend_on_schedule(emu, gen, probe):
+    baseline = base.run_probe(emu, gen, PROBES[probe])
+    for a in baseline[:5]:
+        assert np.isfinite(a).all()
+    for schedule, (mode, seed) in base.SCHEDULES.items():
+        emu.set_schedule(mode, seed)
+        changed = base.differing(baseline, base.run_probe(emu, gen, PROBES[probe]))
+        assert not changed, f"{schedule} schedule changed {changed}: a race in the v2 kernels"
+
+
+def test_every_v2_barrier_is_needed(emu, gen):
+    sites = v2_barriers(emu)
+    assert sites, "no barrier of xla_ffi/cuda/v2_*.cuh is numbered by the emulator"
+    baselines = {p: base.run_probe(emu, gen, PROBES[p]) for p in PROBES}
+    unnoticed = []
+    for site in sites:
+        emu.drop_barrier(site.index)
+        noticed = any(
+            base.differing(baselines[p], (emu.set_schedule(mode, seed),
+                                          base.run_probe(emu, gen, PROBES[p]))[1])
+            for p in PROBES for mode, seed in [(0, 0), *base.SCHEDULES.values()])
+        if not noticed:
+            unnoticed.append(str(site))
+    emu.drop_barrier(-1)
+    assert not unnoticed, "dropping these went unnoticed:\n" + "\n".join(unnoticed)
+
+
+@pytest.mark.parametrize("border", base.BORDERS)
+def test_v2_nonfinite_inputs_propagate_as_in_jnp(emu, gen, x64, border):
+    K, s = kernel_cases.NONFINITE_KERNEL_SIZE, kernel_cases.NONFINITE_SHAPE[3]
+    for normalizer in ("softmax", "sigmoid"):
+        for case in kernel_cases.nonfinite_cases():
+            q, k, v, g = kernel_cases.nonfinite_inputs(case)
+            # d = 3 -> 4 with a zero channel, so the v2 forward (4-element q rows) runs too
+            q, k = (np.concatenate([a, np.zeros_like(a[..., :1])], -1) for a in (q, k))
+            want = base.reference(q, k, v, g, K, s, normalizer, border, 1e-6)
+            out, _, dq, dk, dv = base.run_emulated(emu, q, k, v, g, K, s, normalizer, border,
+                                                   1e-6)[:5]
+            kernel_cases.assert_same_nan(
+                (out, dq, dk, dv), want, f"v2 {normalizer}/{border}, {case[0]}{list(case[1])}")
