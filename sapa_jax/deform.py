@@ -89,18 +89,10 @@ def deform_upsample(q, k, v, offsets, *, num_points: int = 9, groups: int = 4, s
 
 
 def resolve_impl(impl: str, dtype, *arrays) -> str:
-    """"xla" or "ffi" for one SAPA-D call: `core.resolve_impl`, and "xla" on a platform whose
+    """"xla" or "ffi" for one SAPA-D call: `core.resolve_impl`, with "xla" on a platform whose
     kernel module has no SAPA-D kernel (there impl="ffi" raises a RuntimeError)."""
-    choice = core.resolve_impl(impl, dtype, *arrays)
-    if choice == "ffi":
-        platform = core._current_platform(*arrays)
-        if not _ffi.deform_built(platform):
-            if core._forced_impl(impl) == "ffi":
-                raise RuntimeError(
-                    f"impl='ffi' was asked for, but the SAPA-D fused kernel is not built for "
-                    f"platform {platform!r} (only for the CPU so far); use impl='auto' or 'xla'")
-            return "xla"
-    return choice
+    return core.resolve_impl(impl, dtype, *arrays, operator="SAPA-D",
+                             kernel_built=_ffi.deform_built)
 
 
 # ----------------------------------------------------------------------------- jnp path

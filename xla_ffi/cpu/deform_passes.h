@@ -1,5 +1,6 @@
 // SAPA-D fused passes for XLA:CPU (docs/design.md §6), on the CPU layer's element types and
-// conversions (types.h) and its thread-pool parallel_for (parallel.h).
+// conversions (types.h), its weighted row sums (simd.h) and its thread-pool parallel_for
+// (parallel.h).
 //
 // Forward, one work item per (batch element, output row): per output point and group the P
 // sample positions and bilinear cells, the logits q . sample(k), their softmax and
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "cpu/parallel.h"
+#include "cpu/simd.h"
 #include "cpu/types.h"
 #include "deform_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -121,10 +123,13 @@ template <typename T, typename A> struct DeformKernel {
     std::vector<A> d_attn;             // P
     std::vector<A> d_sample;           // E
     std::vector<A> q_row, g_row, off_row;  // conversions of one output row (T != A)
+    std::vector<A> coef;                   // 4P: weights of the corner rows read
+    std::vector<const A*> rows;            // 4P: the corner rows read
     explicit Point(const DeformGeometry& g)
         : cells(size_t(g.P)), logit(size_t(g.P)), attn(size_t(g.P)),
           sample_k(size_t(g.P * g.E)), acc(size_t(std::max(g.E, g.Cg))),
-          g_dot_v(size_t(g.P * 4)), d_attn(size_t(g.P)), d_sample(size_t(g.E)) {}
+          g_dot_v(size_t(g.P * 4)), d_attn(size_t(g.P)), d_sample(size_t(g.E)),
+          coef(size_t(4 * g.P)), rows(size_t(4 * g.P)) {}
   };
 
   // Cells, sampled keys and logits of group `grp` at output point (i, j); q_g is its E queries,
@@ -150,10 +155,14 @@ template <typename T, typename A> struct DeformKernel {
         pt.logit[size_t(p)] = std::numeric_limits<A>::quiet_NaN();
         continue;
       }
-      std::fill(s, s + E, A(0));
+      int64_t count = 0;
       for (int c = 0; c < 4; ++c)
-        if (cell.corner_inside(c, g.H, g.W))
-          axpy(cell.w[c], k + g.pixel(b, cell.corner_y(c), cell.corner_x(c)) * ld + grp * E, s, E);
+        if (cell.corner_inside(c, g.H, g.W)) {
+          pt.coef[size_t(count)] = cell.w[c];
+          pt.rows[size_t(count++)] =
+              k + g.pixel(b, cell.corner_y(c), cell.corner_x(c)) * ld + grp * E;
+        }
+      weighted_rows<1, A, A>(pt.coef.data(), 0, pt.rows.data(), count, E, &s);
       pt.logit[size_t(p)] = dot(q_g, s, E);
     }
   }
@@ -197,17 +206,19 @@ template <typename T, typename A> struct DeformKernel {
               convert_out(acc, Cg, o);
               continue;
             }
-            std::fill(acc, acc + Cg, A(0));
+            // out = sum over the corner rows read of attn_p w_c v_c, in (p, c) order
+            int64_t count = 0;
             for (int64_t p = 0; p < g.P; ++p) {
               const DeformCell<A>& cell = pt.cells[size_t(p)];
               if (cell.kind != sapa::kSampleRead) continue;  // a zero sample adds attn * 0 = 0
               for (int c = 0; c < 4; ++c)
-                if (cell.corner_inside(c, g.H, g.W))
-                  axpy(pt.attn[size_t(p)] * cell.w[c],
-                       va + g.pixel(b, cell.corner_y(c), cell.corner_x(c)) * C + grp * Cg, acc,
-                       Cg);
+                if (cell.corner_inside(c, g.H, g.W)) {
+                  pt.coef[size_t(count)] = pt.attn[size_t(p)] * cell.w[c];
+                  pt.rows[size_t(count++)] =
+                      va + g.pixel(b, cell.corner_y(c), cell.corner_x(c)) * C + grp * Cg;
+                }
             }
-            convert_out(acc, Cg, o);
+            weighted_rows<1, T, A>(pt.coef.data(), 0, pt.rows.data(), count, Cg, &o);
           }
         }
       }
