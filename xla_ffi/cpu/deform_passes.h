@@ -1,6 +1,6 @@
 // SAPA-D fused passes for XLA:CPU (docs/design.md §6), on the CPU layer's element types and
-// conversions (types.h), its weighted row sums (simd.h) and its thread-pool parallel_for
-// (parallel.h).
+// conversions (types.h) and its thread-pool parallel_for (parallel.h). The channel loops are
+// plain loops over the four corners of a sample, which the compiler vectorises.
 //
 // Forward, one work item per (batch element, output row): per output point and group the P
 // sample positions and bilinear cells, the logits q . sample(k), their softmax and
@@ -24,7 +24,6 @@
 #include <vector>
 
 #include "cpu/parallel.h"
-#include "cpu/simd.h"
 #include "cpu/types.h"
 #include "deform_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -62,6 +61,36 @@ template <typename A> inline A times_zero(const A* a, int64_t n) {
 template <typename A>
 inline void axpy(A alpha, const A* __restrict x, A* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// y[i] += a[0] x0[i] + a[1] x1[i] + a[2] x2[i] + a[3] x3[i]: the four corners of one sample in
+// one sweep (an off-map corner points at a zero row).
+template <typename A>
+inline void axpy4(const A* a, const A* const* x, A* __restrict y, int64_t n) {
+  const A* __restrict x0 = x[0];
+  const A* __restrict x1 = x[1];
+  const A* __restrict x2 = x[2];
+  const A* __restrict x3 = x[3];
+  const A a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  for (int64_t i = 0; i < n; ++i) y[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i];
+}
+
+// out[c] = a . x_c for the four corner rows x_c, in one sweep over a.
+template <typename A>
+inline void dot4(const A* __restrict a, const A* const* x, int64_t n, A* out) {
+  constexpr int kPartials = 4;
+  A part[4][kPartials] = {};
+  int64_t i = 0;
+  for (; i + kPartials <= n; i += kPartials)
+    for (int c = 0; c < 4; ++c)
+      for (int u = 0; u < kPartials; ++u) part[c][u] += a[i + u] * x[c][i + u];
+  for (int u = 0; i < n; ++i, ++u)
+    for (int c = 0; c < 4; ++c) part[c][u] += a[i] * x[c][i];
+  for (int c = 0; c < 4; ++c) {
+    A sum = A(0);
+    for (int u = 0; u < kPartials; ++u) sum += part[c][u];
+    out[c] = sum;
+  }
 }
 
 template <typename T, typename A> inline void convert_in(const T* src, int64_t n, A* dst) {
@@ -123,14 +152,23 @@ template <typename T, typename A> struct DeformKernel {
     std::vector<A> d_attn;             // P
     std::vector<A> d_sample;           // E
     std::vector<A> q_row, g_row, off_row;  // conversions of one output row (T != A)
-    std::vector<A> coef;                   // 4P: weights of the corner rows read
-    std::vector<const A*> rows;            // 4P: the corner rows read
+    std::vector<A> zero;                   // max(E, Cg) zeros: the row of an off-map corner
     explicit Point(const DeformGeometry& g)
         : cells(size_t(g.P)), logit(size_t(g.P)), attn(size_t(g.P)),
           sample_k(size_t(g.P * g.E)), acc(size_t(std::max(g.E, g.Cg))),
           g_dot_v(size_t(g.P * 4)), d_attn(size_t(g.P)), d_sample(size_t(g.E)),
-          coef(size_t(4 * g.P)), rows(size_t(4 * g.P)) {}
+          zero(size_t(std::max(g.E, g.Cg)), A(0)) {}
   };
+
+  // The four corner rows of a read cell in `x` (row stride ld, channels from c0); an off-map
+  // corner gets the zero row, whose product with its finite weight adds exactly 0.
+  void corner_rows(const DeformCell<A>& cell, const A* x, int64_t b, int64_t ld, int64_t c0,
+                   const Point& pt, const A** rows) const {
+    for (int c = 0; c < 4; ++c)
+      rows[c] = cell.corner_inside(c, g.H, g.W)
+                    ? x + g.pixel(b, cell.corner_y(c), cell.corner_x(c)) * ld + c0
+                    : pt.zero.data();
+  }
 
   // Cells, sampled keys and logits of group `grp` at output point (i, j); q_g is its E queries,
   // off its G*P*2 offsets.
@@ -155,14 +193,10 @@ template <typename T, typename A> struct DeformKernel {
         pt.logit[size_t(p)] = std::numeric_limits<A>::quiet_NaN();
         continue;
       }
-      int64_t count = 0;
-      for (int c = 0; c < 4; ++c)
-        if (cell.corner_inside(c, g.H, g.W)) {
-          pt.coef[size_t(count)] = cell.w[c];
-          pt.rows[size_t(count++)] =
-              k + g.pixel(b, cell.corner_y(c), cell.corner_x(c)) * ld + grp * E;
-        }
-      weighted_rows<1, A, A>(pt.coef.data(), 0, pt.rows.data(), count, E, &s);
+      const A* rows[4];
+      corner_rows(cell, k, b, ld, grp * E, pt, rows);
+      std::fill(s, s + E, A(0));
+      axpy4(cell.w, rows, s, E);
       pt.logit[size_t(p)] = dot(q_g, s, E);
     }
   }
@@ -206,19 +240,18 @@ template <typename T, typename A> struct DeformKernel {
               convert_out(acc, Cg, o);
               continue;
             }
-            // out = sum over the corner rows read of attn_p w_c v_c, in (p, c) order
-            int64_t count = 0;
+            // out = sum_p sum_c (attn_p w_c) v_c, in (p, c) order
+            std::fill(acc, acc + Cg, A(0));
             for (int64_t p = 0; p < g.P; ++p) {
               const DeformCell<A>& cell = pt.cells[size_t(p)];
               if (cell.kind != sapa::kSampleRead) continue;  // a zero sample adds attn * 0 = 0
-              for (int c = 0; c < 4; ++c)
-                if (cell.corner_inside(c, g.H, g.W)) {
-                  pt.coef[size_t(count)] = pt.attn[size_t(p)] * cell.w[c];
-                  pt.rows[size_t(count++)] =
-                      va + g.pixel(b, cell.corner_y(c), cell.corner_x(c)) * C + grp * Cg;
-                }
+              const A* rows[4];
+              corner_rows(cell, va, b, C, grp * Cg, pt, rows);
+              const A a = pt.attn[size_t(p)];
+              const A coef[4] = {a * cell.w[0], a * cell.w[1], a * cell.w[2], a * cell.w[3]};
+              axpy4(coef, rows, acc, Cg);
             }
-            weighted_rows<1, T, A>(pt.coef.data(), 0, pt.rows.data(), count, Cg, &o);
+            convert_out(acc, Cg, o);
           }
         }
       }
@@ -317,12 +350,12 @@ template <typename T, typename A> struct DeformKernel {
       if (cell.kind == sapa::kSampleNan) {
         d = nan;
       } else if (cell.kind == sapa::kSampleRead) {
+        const A* rows[4];
+        corner_rows(cell, v, b, C, grp * Cg, pt, rows);
+        dot4(g_g, rows, Cg, gv);
         d = A(0);
         for (int c = 0; c < 4; ++c) {
-          gv[c] = cell.corner_inside(c, g.H, g.W)
-                      ? dot(g_g, v + g.pixel(b, cell.corner_y(c), cell.corner_x(c)) * C +
-                                     grp * Cg, Cg)
-                      : g_zero;
+          if (!cell.corner_inside(c, g.H, g.W)) gv[c] = g_zero;  // g . 0, NaN-exact
           d += cell.w[c] * gv[c];
         }
       }
@@ -347,13 +380,16 @@ template <typename T, typename A> struct DeformKernel {
       A* ds = pt.d_sample.data();
       for (int64_t e = 0; e < E; ++e) ds[e] = dlogit * q_g[e];
       const A* gv = pt.g_dot_v.data() + p * 4;
+      const A* rows[4];
+      corner_rows(cell, k, b, ld_k, grp * E, pt, rows);
+      A ds_dot_k[4];
+      dot4(ds, rows, E, ds_dot_k);
       A dly = A(0), dlx = A(0);
       for (int c = 0; c < 4; ++c) {
         A dw;
         if (cell.corner_inside(c, g.H, g.W)) {
           const int64_t pix = g.pixel(b, cell.corner_y(c), cell.corner_x(c));
-          const A* kc = k + pix * ld_k + grp * E;
-          dw = dot(ds, kc, E) + attn * gv[c];
+          dw = ds_dot_k[c] + attn * gv[c];
           axpy(cell.w[c], ds, bk + pix * ld_k + grp * E, E);
           axpy(cell.w[c] * attn, g_g, bv + pix * C + grp * Cg, Cg);
         } else {
