@@ -8,12 +8,14 @@ SAPA-D reads P points x 4 corners per group where SAPA reads K*K window taps, so
 between K = 3 (9 taps) and K = 5 (25 taps) in work; CARAFE (G = 1) reads K*K taps of x only.
 
     python benchmarks/bench_deform.py                  # CPU preset, f32
+    python benchmarks/bench_deform.py --clock process  # CPU time of the process (shared machines)
     python benchmarks/bench_deform.py --preset gpu
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -41,6 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="wall time, or this process's CPU time over all its threads "
+                             "(less disturbed by other work on a shared machine)")
     args = parser.parse_args(argv)
 
     backend = jax.default_backend()
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}")
     print(f"shape: B={batch}, {height}x{width} -> {height * s}x{width * s}, C={channels}, "
           f"SAPA-D G={groups} E={dim} P={points}; SAPA d={groups * dim} K={ksize}; "
-          f"dtype={dtype.name}, median of {args.repeats}")
+          f"dtype={dtype.name}, median of {args.repeats}, {args.clock} time")
 
     carafe_logits = jax.random.normal(keys[5], (*high, ksize * ksize), dtype)
     cases = {}
@@ -74,6 +79,7 @@ def main(argv=None) -> int:
             lambda x, w, impl=impl: sapa_jax.carafe_upsample(x, w, kernel_size=ksize, scale=s,
                                                              impl=impl),
             (v, carafe_logits))
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     rows = {}
     for name, (fn, inputs) in cases.items():
         try:
@@ -83,8 +89,9 @@ def main(argv=None) -> int:
             continue
         forward, forward_backward = programs(fn)
         rows[name] = {
-            "forward": median_seconds(forward, inputs, args.repeats),
-            "forward+backward": median_seconds(forward_backward, (*inputs, g), args.repeats),
+            "forward": median_seconds(forward, inputs, args.repeats, clock=clock),
+            "forward+backward": median_seconds(forward_backward, (*inputs, g), args.repeats,
+                                               clock=clock),
             "peak_bytes_forward": peak_bytes(forward, inputs),
             "peak_bytes_forward+backward": peak_bytes(forward_backward, (*inputs, g)),
         }
