@@ -216,3 +216,27 @@ def test_vmap_folds_into_the_kernel_batch():
     want = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a[:4]) ** 2), argnums=(0, 1, 2, 3)))(*arrays)
     for a, b in zip(grads, want):
         np.testing.assert_array_equal(np.asarray(a).reshape(b.shape), np.asarray(b))
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 host devices (see conftest.py)")
+def test_batch_sharded_jit_runs_per_shard():
+    """Batch-sharded inputs: every device runs the kernels on its own shard (no all-gather in
+    the compiled program). The values are the unsharded call's up to rounding: the backward's
+    band count depends on the batch of the call (docs/design.md section 6.4)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    q, k, v, off = core_inputs(9, 4, 3, 3, 2, 4, 2, 3, 4)
+    arrays = [jnp.asarray(a, jnp.float32) for a in (q, k, v, off)]
+    cot = jnp.asarray(np.random.default_rng(3).standard_normal((4, 6, 6, 4)), jnp.float32)
+    opts = dict(num_points=4, groups=2, scale=2)
+    want = value_and_grads("ffi", arrays, cot, **opts)
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    sharded = [jax.device_put(a, sharding) for a in (*arrays, cot)]
+    fn = _value_and_grads_fn("ffi", 4, 2, 2)
+    text = fn.lower(*sharded).compile().as_text()
+    assert "sapa_deform_forward" in text and "sapa_deform_backward" in text
+    assert "all-gather" not in text
+    (_, out), grads = fn(*sharded)
+    assert out.sharding.is_equivalent_to(sharding, out.ndim)
+    for name, a, b in zip(NAMES, (out, *grads), want):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6, err_msg=name)
