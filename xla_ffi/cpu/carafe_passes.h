@@ -27,6 +27,12 @@
 #include "sapa_common.h"
 #include "xla/ffi/api/ffi.h"
 
+// The item functions get the SIMD clones of cpu/simd.h while it offers them (SAPA_CLONES);
+// once the passes are compiled per SIMD level instead, the macro may be gone: plain then.
+#ifndef SAPA_CLONES
+#define SAPA_CLONES
+#endif
+
 namespace sapa::cpu {
 
 template <typename T, typename A>
