@@ -303,6 +303,9 @@ def sapa_upsample(q, k, v, *, kernel_size, scale, normalizer, border, eps):
 # holds the two numbers of SAPA's stats per group, in the accumulation type.
 
 CARAFE_TARGETS = ("carafe_forward", "carafe_backward")
+# platform -> the largest kernel_size its CARAFE kernel takes (xla_ffi/carafe_cuda.cu: at most
+# four taps per lane); absent: no limit beyond the shared validation's.
+CARAFE_MAX_KERNEL_SIZE = {"gpu": 11}
 
 
 def has_carafe_kernel(platform: str) -> bool:

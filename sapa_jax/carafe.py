@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from . import _checks, _ffi, reference
 from ._checks import ArrayIn
-from .core import _current_platform, resolve_impl, resolve_impl_without_kernel
+from .core import _current_platform, _forced_impl, resolve_impl, resolve_impl_without_kernel
 
 
 def check_carafe_args(x, logits, *, kernel_size, scale, groups, normalizer, eps, impl) -> dict:
@@ -54,13 +54,21 @@ def check_carafe_args(x, logits, *, kernel_size, scale, groups, normalizer, eps,
 
 # ----------------------------------------------------------------------------- back end choice
 
-def resolve_carafe_impl(impl: str, dtype, *arrays: ArrayIn) -> str:
+def resolve_carafe_impl(impl: str, kernel_size: int, dtype, *arrays: ArrayIn) -> str:
     """"xla" or "ffi" for this call: `core.resolve_impl` (same switch, messages and fallback
-    warning), except where the platform's module is built without the CARAFE kernel (the
-    CUDA module, for now): there the jnp path, or a RuntimeError where the kernel is demanded."""
+    warning), except where the platform's module is built without the CARAFE kernel (an
+    old build): there the jnp path, or a RuntimeError where the kernel is demanded.
+    The CUDA kernel takes kernel_size <= 11: beyond, "auto" runs jnp and "ffi" raises."""
     platform = _current_platform(*arrays)
     if _ffi.status(platform).built and not _ffi.has_carafe_kernel(platform):
         return resolve_impl_without_kernel(impl, "CARAFE")
+    limit = _ffi.CARAFE_MAX_KERNEL_SIZE.get(platform)
+    if limit is not None and kernel_size > limit and _forced_impl(impl) != "xla":
+        if _forced_impl(impl) == "ffi":
+            raise ValueError(
+                f"impl='ffi' on {platform!r} supports CARAFE kernel_size <= {limit}, got "
+                f"{kernel_size}; use impl='auto' or 'xla'")
+        return "xla"
     return resolve_impl(impl, dtype, *arrays)
 
 
@@ -117,7 +125,7 @@ def carafe_upsample(x: ArrayIn, logits: ArrayIn, *, kernel_size: int = 5, scale:
                              normalizer=normalizer, eps=eps, impl=impl)
     impl = opts.pop("impl")
     compute, out_dtype = _checks.compute_dtype(x, logits)
-    if resolve_carafe_impl(impl, out_dtype, x, logits) == "ffi":
+    if resolve_carafe_impl(impl, opts["kernel_size"], out_dtype, x, logits) == "ffi":
         return _ffi.carafe_upsample(x, logits, **opts)
     x, logits = jnp.asarray(x, compute), jnp.asarray(logits, compute)
     return reference_carafe(x, logits, **opts).astype(out_dtype)

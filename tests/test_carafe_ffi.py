@@ -250,3 +250,18 @@ def test_nonfinite_inputs_propagate_as_in_jnp(normalizer):
         kernel_cases.assert_same_nan(a, b, f"{normalizer}, {case[0]}{list(case[1])} = {case[2]}",
                                      names=("out", "dx", "dlogits"))
 
+
+
+def test_kernel_size_limit_of_a_back_end_routes_to_jnp(monkeypatch):
+    # The CUDA kernel takes K <= 11 (_ffi.CARAFE_MAX_KERNEL_SIZE); the same rule on CPU here.
+    monkeypatch.setitem(_ffi.CARAFE_MAX_KERNEL_SIZE, "cpu", 3)
+    x, logits = jnp.ones((1, 3, 3, 2)), jnp.zeros((1, 6, 6, 25))
+    f = lambda impl: jax.jit(lambda x, l: sapa_jax.carafe_upsample(x, l, kernel_size=5,
+                                                                   impl=impl))
+    assert "carafe_forward" not in f("auto").lower(x, logits).as_text()
+    with pytest.raises(ValueError, match=r"impl='ffi' on 'cpu' supports CARAFE kernel_size <= 3, "
+                                         r"got 5"):
+        sapa_jax.carafe_upsample(x, logits, kernel_size=5, impl="ffi")
+    small = jnp.zeros((1, 6, 6, 9))
+    g = jax.jit(lambda x, l: sapa_jax.carafe_upsample(x, l, kernel_size=3, impl="auto"))
+    assert "carafe_forward" in g.lower(x, small).as_text()

@@ -50,5 +50,7 @@ template <typename Binding> auto bind_carafe_backward(Binding binding) {
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CarafeForwardCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CarafeBackwardCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(CarafeForwardCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(CarafeBackwardCuda);
 
 #endif  // SAPA_JAX_XLA_FFI_CARAFE_HANDLERS_H_

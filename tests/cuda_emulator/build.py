@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sysconfig
 
-from .transform import TransformMismatch, transform  # noqa: F401  (re-exported)
+from .transform import CARAFE_ENTRY_POINTS, TransformMismatch, transform  # noqa: F401
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -44,11 +44,26 @@ def _include_dirs() -> list[str]:
 def build(out_dir: pathlib.Path):
     """Rewrites, compiles and imports the emulator module; returns the module, with the numbered
     barrier calls of the source as `module.barrier_sites` (transform.BarrierSite)."""
+    source, sites = transform(CUDA_SOURCE.read_text())
+    return _compile(out_dir, MODULE, source, sites, HERE / "emu_module.cc")
+
+
+CARAFE_SOURCE = REPO / "xla_ffi" / "carafe_cuda.cu"
+CARAFE_MODULE = "carafe_cuda_emu"
+
+
+def build_carafe(out_dir: pathlib.Path):
+    """`build` for the CARAFE kernels (xla_ffi/carafe_cuda.cu, carafe_emu_module.cc)."""
+    source, sites = transform(CARAFE_SOURCE.read_text(), CARAFE_ENTRY_POINTS,
+                              needs_shared=False)
+    return _compile(out_dir, CARAFE_MODULE, source, sites, HERE / "carafe_emu_module.cc")
+
+
+def _compile(out_dir, module_name, source, sites, module_source):
     includes = _include_dirs()
     out_dir = pathlib.Path(out_dir)
-    source, sites = transform(CUDA_SOURCE.read_text())
-    (out_dir / f"{MODULE}.inc").write_text(source)
-    target = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
+    (out_dir / f"{module_name}.inc").write_text(source)
+    target = out_dir / (module_name + sysconfig.get_config_var("EXT_SUFFIX"))
     # -O1: the build is part of the test's time budget; -O2 buys little on these tiny shapes.
     # UBSan reports (on stderr, the run goes on) what x86 would let pass but a GPU would not:
     # misaligned vector loads and stores, and out-of-range indices into fixed-size arrays; plus
@@ -60,12 +75,13 @@ def build(out_dir: pathlib.Path):
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
            "-Wno-unknown-pragmas", f"-fsanitize={UBSAN_CHECKS}", f"-I{out_dir}",
            *(f"-I{d}" for d in local), *(f"-isystem{d}" for d in system),
-           str(HERE / "emu_module.cc"), "-o", str(target)]
+           str(module_source), "-o", str(target)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         errors = [l for l in proc.stderr.splitlines() if "error" in l][:20]
-        raise BuildFailed("g++ failed to compile the emulated sapa_cuda.cu:\n" + "\n".join(errors))
-    spec = importlib.util.spec_from_file_location(MODULE, target)
+        raise BuildFailed(f"g++ failed to compile the emulated {module_name}:\n"
+                          + "\n".join(errors))
+    spec = importlib.util.spec_from_file_location(module_name, target)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.barrier_sites = sites

@@ -23,6 +23,11 @@ ENTRY_POINTS = ("ffi::Error SapaForwardCudaImpl(cudaStream_t stream, ffi::AnyBuf
                 "ffi::Error SapaBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer q,")
 
 
+CARAFE_ENTRY_POINTS = (
+    "ffi::Error CarafeForwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer x,",
+    "ffi::Error CarafeBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer x,")
+
+
 BARRIER = re.compile(r"\b(__syncthreads|__syncwarp)\(\)")
 
 
@@ -59,12 +64,15 @@ def number_barriers(src: str) -> tuple[str, list[BarrierSite]]:
     return "".join(lines), sites
 
 
-def transform(src: str) -> tuple[str, list[BarrierSite]]:
-    """The emulator's C++ source, and the barrier calls it numbered."""
+def transform(src: str, entry_points=ENTRY_POINTS,
+              needs_shared: bool = True) -> tuple[str, list[BarrierSite]]:
+    """The emulator's C++ source, and the barrier calls it numbered. `entry_points` and
+    `needs_shared` (does the source declare dynamic shared memory) describe the .cu: the
+    defaults sapa_cuda.cu, CARAFE_ENTRY_POINTS and False xla_ffi/carafe_cuda.cu."""
     src, sites = number_barriers(src)  # first, while the line numbers are the .cu's
     src, n_shared = DYNAMIC_SHARED.subn(
         lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(emu::dyn_shared());", src)
-    if n_shared == 0:
+    if n_shared == 0 and needs_shared:
         raise TransformMismatch(
             f"pattern DYNAMIC_SHARED ({DYNAMIC_SHARED.pattern!r}) matched nothing: the tiled "
             "kernels no longer declare `extern __shared__ T name[];`")
@@ -82,7 +90,7 @@ def transform(src: str) -> tuple[str, list[BarrierSite]]:
             f"pattern LAUNCH ({LAUNCH.pattern!r}) rewrote {n_launch} of {n_chevrons} kernel "
             "launches: a launch is no longer `kernel<T><<<...>>>(args)`")
 
-    for entry in ENTRY_POINTS:
+    for entry in entry_points:
         if entry not in src:
             raise TransformMismatch(
                 f"entry point {entry!r} not found: the FFI implementation functions were "
