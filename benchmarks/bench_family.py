@@ -56,6 +56,21 @@ def carafe(impl):
     return build
 
 
+def carafe_core(impl):
+    """The CARAFE core alone (no compressor or encoder): logits are the first K*K channels of
+    y, so the backward computes dlogits as well as dx."""
+    def build(key, x, y, kernel_size, scale):
+        del key
+        taps = kernel_size * kernel_size
+
+        def fn(params, x, y):
+            del params
+            return sapa_jax.carafe_upsample(x, y[..., :taps], kernel_size=kernel_size,
+                                            scale=scale, impl=impl)
+        return {}, fn
+    return build
+
+
 def sapa_b(impl):
     def build(key, x, y, kernel_size, scale):
         model = linen.SAPA(variant="B", embedding_dim=SAPA_EMBEDDING_DIM,
@@ -69,6 +84,8 @@ ROWS = {
     "bilinear": bilinear,
     "carafe": carafe("auto"),          # the fused CARAFE kernel where built, else jnp
     "carafe (jnp)": carafe("xla"),
+    "carafe core": carafe_core("auto"),
+    "carafe core (jnp)": carafe_core("xla"),
     "sapa-b": sapa_b("auto"),          # the fused kernel where built, else jnp
     "sapa-b (jnp)": sapa_b("xla"),
 }
@@ -119,11 +136,11 @@ def main(argv=None) -> int:
 
     base = rows.get("carafe")
     ratios = f"{'fwd / carafe':>14}{'f+b / carafe':>14}" if base else ""
-    print(f"\n{'upsampler':<14}{'params':>9}{'forward ms':>12}{'fwd+bwd ms':>12}"
+    print(f"\n{'upsampler':<18}{'params':>9}{'forward ms':>12}{'fwd+bwd ms':>12}"
           f"{'peak fwd+bwd MiB':>18}{ratios}")
     for name, row in rows.items():
         peak = row["peak_bytes_forward+backward"]
-        line = (f"{name:<14}{row['params']:>9}{row['forward'] * 1e3:>12.3f}"
+        line = (f"{name:<18}{row['params']:>9}{row['forward'] * 1e3:>12.3f}"
                 f"{row['forward+backward'] * 1e3:>12.3f}"
                 f"{(f'{peak / 2**20:.1f}' if peak else '-'):>18}")
         if base:
