@@ -452,3 +452,134 @@ def test_nonfinite_inputs_propagate_as_in_jnp(emu, env, x64, normalizer, border)
             kernel_cases.assert_same_nan(
                 (out, dq, dk, dv), want,
                 f"{normalizer}/{border} {knobs}, {case[0]}{list(case[1])} = {case[2]}")
+
+
+# --------------------------------------------------------------- the shared logit gradient
+# sapa_common.h's point_logit_gradients, the one formula of both back ends, against an exact
+# evaluation (float64 for the float kernels, x87 long double for the double ones) of
+# docs/design.md §1's gradient from the same logits x, dw and the weights and stats as the
+# kernels computed them, for every normaliser, both borders and K = 1..9. Per tap p, with u the
+# unit roundoff, eta the smallest subnormal, n = K*K, G_p = sum_j w_j (dw_p - dw_j) and
+# Q_p = sum_j w_j |dw_p - dw_j|:
+#   softmax        dlogit_p = w_p G_p,   |err| <= kappa u w_p Q_p + 4 eta (1 + Q_p)
+#   h / (S + eps)  dlogit_p = h'(x_p) dh_p,  dh_p = inv (eps inv dw_p + G_p)  (inv = stat 0),
+#                  |err| <= kappa u |h'(x_p)| D_p + 4 eta (1 + D_p),  D_p = inv (eps inv |dw_p| + Q_p)
+#                  (an all-zero window: dh_p = dw_p, D_p = |dw_p|)
+#   none, uncounted taps, relu at x_p <= 0: exact
+# with kappa = (n + 4) (6 + 2 W / w_max), W / w_max (<= n) the point's total over its largest
+# weight: the worst case of the analysis in sapa_common.h (the pivot's terms (n + 2)(1 + 2 W /
+# w_max) u, h' and the products a few u). The cancellation-prone inputs are where the naive
+# dw_p - sum_j w_j dw_j loses everything: K = 1 (w = 1 - O(eps)), a large common dw with a small
+# spread, one dominant tap (also: sigmoid' far out in its tail), eps far below S, eps = 0.
+LOGIT_GRAD_NORMALIZERS = ("softmax", "relu", "sigmoid", "softplus", "none")
+LOGIT_GRAD_REGIMES = ("generic", "common-dw", "dominant-tap", "eps-far-below-sum", "eps-0",
+                      "eps-large")
+LONG = np.longdouble
+
+
+def kappa(taps, weight_ratio):
+    return (taps + 4) * (6 + 2 * weight_ratio)
+
+
+def logit_grad_inputs(rng, regime, points, taps, dtype):
+    """(logits, dw, inside, eps) for one input regime."""
+    x = rng.standard_normal((points, taps)) * 2
+    dw = rng.standard_normal((points, taps))
+    eps = 1e-6
+    if regime == "common-dw":  # a large common part, a spread 1e-6 of it
+        dw = 1e3 + 1e-3 * dw
+    elif regime == "dominant-tap":  # one tap takes (nearly) all the weight
+        x[:, taps // 2] += 30
+    elif regime == "eps-far-below-sum":
+        x = np.abs(x) * 50
+    elif regime == "eps-0":
+        eps = 0.0
+    elif regime == "eps-large":
+        eps = 0.5
+    inside = rng.random((points, taps)) < 0.7
+    inside[:, taps // 2] = True  # the centre tap is always in the map
+    return x.astype(dtype), dw.astype(dtype), inside, eps
+
+
+def h_grad(normalizer, x):
+    if normalizer == "relu":
+        return (x > 0).astype(x.dtype)
+    if normalizer == "sigmoid":  # sig (1 - sig) would cancel in the tail, even in float64
+        e = np.exp(-np.abs(x))
+        return e / (1 + e) ** 2
+    return 1 / (1 + np.exp(-x))  # softplus
+
+
+def exact_logit_gradients(normalizer, border, eps, x, w, dw, stats, inside, wide):
+    """The exact dlogit (in `wide`) from the kernels' w and stats, and the error bound."""
+    x, w, dw, stats = (a.astype(wide) for a in (x, w, dw, stats))
+    counted = inside if border == "valid" else np.ones_like(inside)
+    dtype_info = np.finfo(np.float32 if wide == np.float64 else np.float64)
+    u, eta = dtype_info.eps / 2, dtype_info.smallest_subnormal
+    if normalizer == "none":
+        return np.where(counted, dw, 0), np.zeros_like(dw)
+    diff = dw[:, :, None] - dw[:, None, :]  # [point, p, j] = dw_p - dw_j
+    spread = np.einsum("ij,ipj->ip", w, diff)
+    size = np.einsum("ij,ipj->ip", w, np.abs(diff))
+    top = w.max(axis=1, keepdims=True)
+    ratio = np.where(top > 0, w.sum(axis=1, keepdims=True) / np.where(top > 0, top, 1), 1)
+    kap = kappa(x.shape[1], ratio)
+    if normalizer == "softmax":
+        grad, bound = w * spread, kap * u * w * size + 4 * eta * (1 + size)
+    else:
+        inv, all_zero = stats[:, :1], stats[:, 1:] != 0
+        dh = np.where(all_zero, dw, inv * (wide(eps) * inv * dw + spread))
+        dh_size = np.where(all_zero, np.abs(dw), inv * (wide(eps) * inv * np.abs(dw) + size))
+        slope = h_grad(normalizer, x)
+        grad = slope * dh if normalizer != "relu" else np.where(x > 0, dh, 0)
+        bound = kap * u * np.abs(slope) * dh_size + 4 * eta * (1 + dh_size)
+        bound = np.where((normalizer == "relu") & (x <= 0), 0, bound)
+    return np.where(counted, grad, 0), np.where(counted, bound, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_logit_gradient_error_bound(emu_module, dtype):
+    if dtype == np.float64 and np.finfo(LONG).eps > 2.0 ** -60:
+        pytest.skip("no extended long double for the float64 reference on this platform")
+    wide = np.float64 if dtype == np.float32 else LONG
+    shared = emu_module.logit_gradients_f32 if dtype == np.float32 else emu_module.logit_gradients_f64
+    codes = emu_module.contract()
+    rng = np.random.default_rng(11)
+    used = {}  # the largest error / bound per normaliser
+    for K in range(1, 10):
+        for normalizer in LOGIT_GRAD_NORMALIZERS:
+            for border in BORDERS:
+                for regime in LOGIT_GRAD_REGIMES:
+                    x, dw, inside, eps = logit_grad_inputs(rng, regime, 24, K * K, dtype)
+                    eps = float(dtype(eps))  # the eps the kernels of this type compute with
+                    stats, w, got = shared(codes["normalizers"][normalizer],
+                                           codes["borders"][border], eps, x, dw, inside)
+                    want, bound = exact_logit_gradients(normalizer, border, eps, x, w, dw, stats,
+                                                        inside, wide)
+                    err = np.abs(got.astype(wide) - want)
+                    where = f"K={K} {normalizer}/{border} {regime}"
+                    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+                    assert np.all(err <= bound), (
+                        f"{where}: error {float(err[worst]):.3e} > bound {float(bound[worst]):.3e}"
+                        f" at {worst}: got {got[worst]}, want {float(want[worst])}")
+                    ratio = float(np.max(np.where(bound > 0, err / np.where(bound > 0, bound, 1),
+                                                  0)))
+                    used[normalizer] = max(used.get(normalizer, 0.0), ratio)
+    print(f"\nlogit gradient, {np.dtype(dtype).name}: max error / bound: " +
+          ", ".join(f"{k} {v:.2e}" for k, v in used.items()))
+    assert used["none"] == 0.0  # exact
+
+
+def test_logit_gradient_bound_rejects_the_naive_form(emu_module):
+    # The bound above can fail: the form the kernels once used, h'(x_p) inv (dw_p - sum_j w_j
+    # dw_j) in float32, breaks it by orders of magnitude where w = 1 - O(eps) (K = 1).
+    rng = np.random.default_rng(5)
+    x, dw, inside, eps = logit_grad_inputs(rng, "generic", 24, 1, np.float32)
+    codes = emu_module.contract()
+    stats, w, _ = emu_module.logit_gradients_f32(codes["normalizers"]["softplus"], 0, eps, x, dw,
+                                                 inside)
+    slope = (1 / (1 + np.exp(-x))).astype(np.float32)
+    naive = slope * stats[:, :1] * (dw - (w * dw).sum(axis=1, keepdims=True))
+    want, bound = exact_logit_gradients("softplus", "zeros", float(np.float32(eps)), x, w, dw,
+                                        stats, inside, np.float64)
+    assert np.max(np.abs(naive - want) / bound) > 100

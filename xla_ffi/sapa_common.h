@@ -75,14 +75,16 @@ template <typename A> SAPA_HD A h_value(int64_t normalizer, A x) {
   }
 }
 
-// h'(x); relu'(0) = 0 as in JAX.
+// h'(x); relu'(0) = 0 as in JAX. sigmoid' = sig(x) sig(-x) = e / (1 + e)^2 with e = exp(-|x|):
+// sig (1 - sig) would lose every digit of 1 - sig for large x. softplus' = sig.
 template <typename A> SAPA_HD A h_grad(int64_t normalizer, A x) {
   switch (normalizer) {
     case kRelu: return x > A(0) ? A(1) : A(0);
-    default: {  // sigmoid' = sig (1 - sig), softplus' = sig
-      A sig = A(1) / (A(1) + exp(-x));
-      return normalizer == kSigmoid ? sig * (A(1) - sig) : sig;
+    case kSigmoid: {
+      const A e = exp(-(x > A(0) ? x : -x));
+      return e / ((A(1) + e) * (A(1) + e));
     }
+    default: return A(1) / (A(1) + exp(-x));
   }
 }
 
@@ -141,6 +143,122 @@ template <typename A> SAPA_HD A dq_poison_term(int64_t normalizer, int64_t borde
 
 // Does a tap take part in the normalisation? Zeros border: every tap (outside ones have logit 0).
 SAPA_HD bool tap_counted(int64_t border, bool inside) { return border == kZeros || inside; }
+
+// The stats of one point from its logits: logit(p) for p < taps, counted(p) as tap_counted.
+// Sums run in tap order (a back end that splits the taps over lanes reduces the same terms
+// through finish_stats itself).
+template <typename A, typename Logit, typename Counted>
+SAPA_HD void point_stats(int64_t normalizer, A eps, int64_t taps, Logit logit, Counted counted,
+                         A* stat0, A* stat1) {
+  A top = -A(INFINITY), sum = A(0);
+  if (normalizer == kSoftmax) {
+    for (int64_t p = 0; p < taps; ++p)
+      if (counted(p)) top = nan_max(top, logit(p));
+    for (int64_t p = 0; p < taps; ++p)
+      if (counted(p)) sum += exp(logit(p) - top);
+  } else if (normalizer != kNone) {
+    for (int64_t p = 0; p < taps; ++p)
+      if (counted(p)) sum += h_value(normalizer, logit(p));
+  }
+  finish_stats(normalizer, eps, top, sum, stat0, stat1);
+}
+
+// ---- Logit gradients: one formula for both back ends ---------------------------------------
+// For one output point with weights w_j (0 for uncounted taps) and dw_j = g . v[l + j] over its
+// taps, every normaliser's logit gradient rests on the spread G_p = sum_j w_j (dw_p - dw_j):
+//   softmax        dlogit_p = w_p G_p                            (sum_j w_j = 1)
+//   h / (S + eps)  dlogit_p = h'(x_p) inv (eps inv dw_p + G_p)   (inv = 1 / (S + eps) = stat 0,
+//                  w_j = h_j inv): docs/design.md §1's cancellation-free form; for an all-zero
+//                  window (stat 1 set) dh_p = dw_p, as jnp's safe denominator 1 gives
+//   none           dlogit_p = dw_p
+// G_p costs O(taps) per point, without the cancellation of W dw_p - sum_j w_j dw_j, as
+//   G_p = W (dw_p - c) - R,   W = sum_j w_j,   R = sum_j w_j (dw_j - c),
+// which holds for any c. c is the pivot: the dw of the (first) tap of largest weight w_q, an
+// input value, so the dw_j - c are exact where dw_j is near c and the terms are small where the
+// weight is: W |dw_p - c| <= (W / w_q) sum_j w_j |dw_p - dw_j|, and W / w_q <= taps. The error of
+// G_p is then first order, a few (taps + 2) (1 + 2 W / w_q) units of the working precision
+// times sum_j w_j |dw_p - dw_j| (the bound tests/test_cuda_emulated.py::
+// test_logit_gradient_error_bound checks against float64 / long double at K = 1..9); no double
+// arithmetic is needed on either back end. A non-finite pivot is replaced by 0: G_p is then
+// W dw_p - sum_j w_j dw_j, whose NaNs and infinities are those of jnp's chain rule (a finite
+// pivot keeps them too: an infinite dw_j reaches R and every dw_p - c alike).
+
+// Pass 1 of one point, in tap order: W and the pivot.
+template <typename A> struct SpreadSums {
+  A weight = A(0);       // W
+  A top = -A(INFINITY);  // the largest weight so far (NaN weights never win)
+  A pivot = A(0);        // its dw
+  SAPA_HD void add(A w, A dw) {
+    weight += w;
+    if (w > top) {
+      top = w;
+      pivot = dw;
+    }
+  }
+};
+// c from the pivot (pivot - pivot is NaN exactly when the pivot is NaN or infinite).
+template <typename A> SAPA_HD A spread_centre(A pivot) { return pivot - pivot == A(0) ? pivot : A(0); }
+// One term of R (pass 2).
+template <typename A> SAPA_HD A spread_residual(A w, A dw, A centre) { return w * (dw - centre); }
+// G_p (pass 3).
+template <typename A> SAPA_HD A spread(A weight, A centre, A residual, A dw) {
+  return weight * (dw - centre) - residual;
+}
+
+// dlogit of one counted tap from its logit, w, dw, the point's stats and G_p.
+template <typename A>
+SAPA_HD A tap_logit_gradient(int64_t normalizer, A eps, A stat0, A stat1, A logit, A w, A dw,
+                             A spread_p) {
+  if (normalizer == kNone) return dw;
+  if (normalizer == kSoftmax) return w * spread_p;
+  const A dh = stat1 != A(0) ? dw : stat0 * (eps * stat0 * dw + spread_p);
+  return h_vjp(normalizer, logit, dh);
+}
+
+// The logit gradients of one output point, in three passes over its taps (sums, residual,
+// gradients), each in tap order. tap(p, &logit, &w, &dw) loads tap p < taps and returns whether
+// it is counted; store(p, w, dlogit) receives the tap's weight and gradient (0 when uncounted).
+// A back end that splits the taps over lanes composes the same pieces with its own reductions.
+template <typename A, typename Tap, typename Store>
+SAPA_HD void point_logit_gradients(int64_t normalizer, A eps, A stat0, A stat1, int64_t taps,
+                                   Tap tap, Store store) {
+  A x, w, dw, residual = A(0), centre = A(0);
+  SpreadSums<A> sums;
+  if (normalizer != kNone) {
+    for (int64_t p = 0; p < taps; ++p) {
+      tap(p, &x, &w, &dw);
+      sums.add(w, dw);
+    }
+    centre = spread_centre(sums.pivot);
+    for (int64_t p = 0; p < taps; ++p) {
+      tap(p, &x, &w, &dw);
+      residual += spread_residual(w, dw, centre);
+    }
+  }
+  for (int64_t p = 0; p < taps; ++p) {
+    const bool counted = tap(p, &x, &w, &dw);
+    store(p, w, counted ? tap_logit_gradient(normalizer, eps, stat0, stat1, x, w, dw,
+                                             spread(sums.weight, centre, residual, dw))
+                        : A(0));
+  }
+}
+
+// The same for taps laid out with a stride (the CPU's rows: tap p of lane j at p * width + j):
+// logit, w, dw, inside and dlogit of tap p at [p * stride]; dlogit may alias dw.
+template <typename A>
+SAPA_HD void point_logit_gradients(int64_t normalizer, int64_t border, A eps, A stat0, A stat1,
+                                   int64_t taps, int64_t stride, const A* logit, const A* w,
+                                   const A* dw, const uint8_t* inside, A* dlogit) {
+  point_logit_gradients<A>(
+      normalizer, eps, stat0, stat1, taps,
+      [&](int64_t p, A* x, A* wp, A* dwp) {
+        *x = logit[p * stride];
+        *wp = w[p * stride];
+        *dwp = dw[p * stride];
+        return tap_counted(border, inside[p * stride] != 0);
+      },
+      [&](int64_t p, A, A dl) { dlogit[p * stride] = dl; });
+}
 
 // Attribute check shared by all handlers; returns an empty string when the attributes are valid.
 inline std::string check_attributes(int64_t kernel_size, int64_t scale, int64_t normalizer,

@@ -123,23 +123,20 @@ template <typename F> __device__ __forceinline__ F warp_sum(F x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
-// dlogit of one inside tap. softmax: w_p (dw_p - sum_j w_j dw_j). h / (S + eps): docs/design.md §2's
-// cancellation-free h'(x_p) (eps dw_p + sum_j h_j (dw_p - dw_j)) / (S + eps)^2, which with
-// w_j = h_j inv (inv = 1 / (S + eps), stats.x) is h'(x_p) inv (eps inv dw_p + dw_p W - M) for
-// W = sum_j w_j, M = sum_j w_j dw_j. W and M come in double: products of floats are exact there,
-// so dw_p W - M keeps the eps-sized part that a float dw_p - M (w summing to nearly 1) loses,
-// in O(K^2) per point instead of the pairwise sum's O(K^4).
-// An all-zero window (stats.y set) has dh = dw, as jnp's safe denominator 1 gives. "none": the
-// logits are the weights, dlogit = dw.
-__device__ __forceinline__ float tap_dlogit(int64_t normalizer, float eps, float logit, float w,
-                                            float dw, float inv, float all_zero, float wdw,
-                                            double W, double M) {
-  if (normalizer == sapa::kSoftmax) return w * (dw - wdw);
-  if (normalizer == sapa::kNone) return dw;
-  const double d = dw;
-  const double core = static_cast<double>(eps) * inv * d + (d * W - M);
-  const float dh = all_zero != 0.f ? dw : inv * static_cast<float>(core);
-  return sapa::h_vjp(normalizer, logit, dh);
+// The dw of the warp's first tap of largest weight, from each lane's (largest weight, its tap,
+// its dw); every lane ends with the same one.
+__device__ __forceinline__ float warp_pivot(float top, int tap, float pivot) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other_top = __shfl_xor_sync(0xffffffffu, top, o);
+    const int other_tap = __shfl_xor_sync(0xffffffffu, tap, o);
+    const float other_pivot = __shfl_xor_sync(0xffffffffu, pivot, o);
+    if (other_top > top || (other_top == top && other_tap < tap)) {
+      top = other_top;
+      tap = other_tap;
+      pivot = other_pivot;
+    }
+  }
+  return pivot;
 }
 // NaN-propagating (fmaxf would drop a NaN, see sapa_common.h).
 __device__ __forceinline__ float warp_max(float x) {
@@ -162,24 +159,22 @@ __device__ __forceinline__ void for_each_tap(int Y, int X, const Params& P, F f)
   }
 }
 
+// Is tap p of the window centred on low-res (Y, X) inside the map?
+__device__ __forceinline__ bool tap_in_map(int p, int Y, int X, const Params& P) {
+  const int y = Y + p / P.K - P.r, x = X + p % P.K - P.r;
+  return y >= 0 && y < P.H && x >= 0 && x < P.W;
+}
+
 // Normaliser statistics of one output point from its logits w[p * stride] (sapa_common.h).
-__device__ __forceinline__ float2 point_stats(const float* w, int stride, int Y, int X,
-                                              const Params& P) {
-  float top = -INFINITY, sum = 0.f;
-  if (P.normalizer == sapa::kSoftmax) {
-    for_each_tap(Y, X, P, [&](int p, bool inside) {
-      if (sapa::tap_counted(P.border, inside)) top = sapa::nan_max(top, w[p * stride]);
-    });
-    for_each_tap(Y, X, P, [&](int p, bool inside) {
-      if (sapa::tap_counted(P.border, inside)) sum += expf(w[p * stride] - top);
-    });
-  } else if (P.normalizer != sapa::kNone) {
-    for_each_tap(Y, X, P, [&](int p, bool inside) {
-      if (sapa::tap_counted(P.border, inside)) sum += sapa::h_value(P.normalizer, w[p * stride]);
-    });
-  }
+__device__ __forceinline__ float2 tap_stats(const float* w, int stride, int Y, int X,
+                                            const Params& P) {
   float2 st;
-  sapa::finish_stats<float>(P.normalizer, P.eps, top, sum, &st.x, &st.y);
+  sapa::point_stats<float>(
+      P.normalizer, P.eps, P.T, [&](int64_t p) { return w[p * stride]; },
+      [&](int64_t p) {
+        return P.border == sapa::kZeros || tap_in_map(static_cast<int>(p), Y, X, P);
+      },
+      &st.x, &st.y);
   return st;
 }
 
@@ -478,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   for (int pt = threadIdx.x; pt < npts; pt += kThreads) {
     const Point p = point_of(pt, t, P);
     float* w = wbuf + p.ci * P.T * P.s2pad + p.si;
-    const float2 st = point_stats(w, P.s2pad, p.Y, p.X, P);
+    const float2 st = tap_stats(w, P.s2pad, p.Y, p.X, P);
     float outside = 0.f;
     for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
       float& x = w[tap * P.s2pad];
@@ -547,29 +542,32 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     float* w = wbuf + p.ci * P.T * P.s2pad + p.si;
     float* dw = dbuf + p.ci * P.T * P.s2pad + p.si;
     const float2 st = reinterpret_cast<const float2*>(stats)[pixel(t.b, p.oy, p.ox, P.oH, P.oW)];
-    float wdw = 0.f;  // sum_j w_j dw_j (dw is 0 for outside taps)
-    double W = 0.0, M = 0.0;  // the same sums in double, for the h-normalisers (tap_dlogit)
-    for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
-      const float wt = sapa::tap_weight(P.normalizer, w[tap * P.s2pad], st.x, st.y,
-                                        sapa::tap_counted(P.border, inside));
-      wdw = fmaf(wt, dw[tap * P.s2pad], wdw);
-      if (P.normalizer != sapa::kSoftmax) {
-        W += wt;
-        M += static_cast<double>(wt) * dw[tap * P.s2pad];
-      }
-    });
+    // dq's poison (sapa_common.h): with border "valid" from the raw logits, before they become
+    // weights; with border "zeros" from the logit gradients, after.
     float outside = 0.f;
-    for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
-      const float logit = w[tap * P.s2pad];
-      const bool counted = sapa::tap_counted(P.border, inside);
-      const float wt = sapa::tap_weight(P.normalizer, logit, st.x, st.y, counted);
-      const float dl = counted ? tap_dlogit(P.normalizer, P.eps, logit, wt, dw[tap * P.s2pad],
-                                            st.x, st.y, wdw, W, M)
-                               : 0.f;
-      if (!inside) outside += sapa::dq_poison_term<float>(P.normalizer, P.border, logit, dl);
-      w[tap * P.s2pad] = wt;
-      dw[tap * P.s2pad] = dl;
-    });
+    if (P.border == sapa::kValid)
+      for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
+        if (!inside) outside += sapa::dq_poison_term<float>(P.normalizer, P.border, w[tap * P.s2pad], 0.f);
+      });
+    // In place: tap p's logit becomes its weight, its dw its logit gradient.
+    sapa::point_logit_gradients<float>(
+        P.normalizer, P.eps, st.x, st.y, P.T,
+        [&](int64_t tap, float* x, float* wt, float* dwt) {
+          const bool counted =
+              P.border == sapa::kZeros || tap_in_map(static_cast<int>(tap), p.Y, p.X, P);
+          *x = w[tap * P.s2pad];
+          *wt = sapa::tap_weight(P.normalizer, *x, st.x, st.y, counted);
+          *dwt = dw[tap * P.s2pad];
+          return counted;
+        },
+        [&](int64_t tap, float wt, float dl) {
+          w[tap * P.s2pad] = wt;
+          dw[tap * P.s2pad] = dl;
+        });
+    if (P.border == sapa::kZeros)
+      for_each_tap(p.Y, p.X, P, [&](int tap, bool inside) {
+        if (!inside) outside += sapa::dq_poison_term<float>(P.normalizer, P.border, 0.f, dw[tap * P.s2pad]);
+      });
     poison[p.ci * P.s2pad + p.si] = outside;
   }
   __syncthreads();
@@ -843,8 +841,8 @@ __global__ void __launch_bounds__(kThreads)
     float* wrow = w_out + pt * P.T;
     float* drow = dlogit_out + pt * P.T;
     const float2 st = reinterpret_cast<const float2*>(stats)[pt];
-    float part = 0.f;
-    double part_w = 0.0, part_m = 0.0;
+    sapa::SpreadSums<float> part;  // this lane's taps (sapa_common.h); its first top tap:
+    int top_tap = P.T;
     for (int p = lane; p < P.T; p += 32) {
       bool inside;
       const float x = simple_logit(qrow, k, p, f, P, qzero, &inside);
@@ -858,23 +856,27 @@ __global__ void __launch_bounds__(kThreads)
       }
       wrow[p] = w;
       drow[p] = dw;  // dw for now; the lane rewrites it as dlogit below
-      part = fmaf(w, dw, part);
-      part_w += w;  // double sums for the h-normalisers (tap_dlogit)
-      part_m += static_cast<double>(w) * dw;
+      if (w > part.top) top_tap = p;
+      part.add(w, dw);
     }
-    const float wdw = warp_sum(part);
-    double W = 0.0, M = 0.0;
-    if (P.normalizer != sapa::kSoftmax) {
-      W = warp_sum(part_w);
-      M = warp_sum(part_m);
+    // The passes of sapa::point_logit_gradients with the taps split over the lanes: the same W
+    // (summed in another order) and the same pivot (the first tap of largest weight).
+    float weight = 0.f, centre = 0.f, residual = 0.f;
+    if (P.normalizer != sapa::kNone) {
+      weight = warp_sum(part.weight);
+      centre = sapa::spread_centre(warp_pivot(part.top, top_tap, part.pivot));
+      float part_r = 0.f;
+      for (int p = lane; p < P.T; p += 32) part_r += sapa::spread_residual(wrow[p], drow[p], centre);
+      residual = warp_sum(part_r);
     }
     for (int p = lane; p < P.T; p += 32) {
       bool inside;
       const float x = simple_logit(qrow, k, p, f, P, qzero, &inside);
-      const bool counted = sapa::tap_counted(P.border, inside);
-      drow[p] = counted ? tap_dlogit(P.normalizer, P.eps, x, wrow[p], drow[p], st.x, st.y, wdw,
-                                     W, M)
-                        : 0.f;
+      drow[p] = sapa::tap_counted(P.border, inside)
+                    ? sapa::tap_logit_gradient(P.normalizer, P.eps, st.x, st.y, x, wrow[p],
+                                               drow[p],
+                                               sapa::spread(weight, centre, residual, drow[p]))
+                    : 0.f;
     }
     // dq's poison (sapa_common.h): with border "valid" the same for every out-of-map tap.
     const float valid_poison = sapa::dq_poison_term<float>(P.normalizer, sapa::kValid, qzero, 0.f);

@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <tuple>
+#include <vector>
 
 #include "sapa_contract.h"
 
@@ -77,12 +78,50 @@ std::tuple<bool, int, int, size_t, int64_t> plan(int kernel, int64_t n, int H, i
   return {p.tiled, p.TH, p.TW, p.shared_bytes, p.blocks};
 }
 
+// Test-only: the shared normaliser layer of sapa_common.h (point_stats, tap_weight,
+// point_logit_gradients) on given logits and dw of shape (points, taps), in A = float or double;
+// inside: which taps are in the map (border "valid" counts only those). Returns
+// (stats (points, 2), w, dlogit), all in A.
+template <typename A>
+py::tuple logit_gradients(int64_t normalizer, int64_t border, double eps,
+                          py::array_t<A, py::array::c_style> logit,
+                          py::array_t<A, py::array::c_style> dw,
+                          py::array_t<bool, py::array::c_style> inside) {
+  if (logit.ndim() != 2 || dw.ndim() != 2 || inside.ndim() != 2 ||
+      dw.shape(0) != logit.shape(0) || dw.shape(1) != logit.shape(1) ||
+      inside.shape(0) != logit.shape(0) || inside.shape(1) != logit.shape(1))
+    throw std::invalid_argument("logit, dw and inside must have one (points, taps) shape");
+  const int64_t points = logit.shape(0), taps = logit.shape(1);
+  py::array_t<A> stats({points, int64_t{2}}), w({points, taps}), dlogit({points, taps});
+  const A* x = logit.data();
+  const A* g = dw.data();
+  const bool* in = inside.data();
+  A* st = stats.mutable_data();
+  A* wo = w.mutable_data();
+  A* dl = dlogit.mutable_data();
+  for (int64_t i = 0; i < points; ++i) {
+    const A* xi = x + i * taps;
+    const bool* ini = in + i * taps;
+    auto counted = [&](int64_t p) { return sapa::tap_counted(border, ini[p]); };
+    sapa::point_stats<A>(normalizer, A(eps), taps, [&](int64_t p) { return xi[p]; }, counted,
+                         &st[2 * i], &st[2 * i + 1]);
+    for (int64_t p = 0; p < taps; ++p)
+      wo[i * taps + p] = sapa::tap_weight(normalizer, xi[p], st[2 * i], st[2 * i + 1], counted(p));
+    std::vector<uint8_t> mask(ini, ini + taps);
+    sapa::point_logit_gradients<A>(normalizer, border, A(eps), st[2 * i], st[2 * i + 1], taps, 1,
+                                   xi, wo + i * taps, g + i * taps, mask.data(), dl + i * taps);
+  }
+  return py::make_tuple(stats, w, dlogit);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(sapa_cuda_emu, m) {
   m.def("forward", &forward);
   m.def("plan", &plan);
   m.def("backward", &backward);
+  m.def("logit_gradients_f32", &logit_gradients<float>);
+  m.def("logit_gradients_f64", &logit_gradients<double>);
   // (grid, block, dynamic shared bytes) of every launch since the last call; empties the log.
   m.def("take_launches", []() {
     std::vector<std::tuple<unsigned, int, size_t>> out;

@@ -68,6 +68,7 @@ inline ucontext_t scheduler;
 inline std::function<void()> body;
 inline std::vector<float4> shared;
 inline float shuffle_buf[1024];
+inline int shuffle_buf_int[1024];
 inline std::string last_error;           // set by a failed launch, cleared by cudaGetLastError
 inline std::string last_error_reported;  // what cudaGetErrorString shows
 inline std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute opt-ins
@@ -215,21 +216,19 @@ inline void __syncthreads() { emu::wait(emu::State::kAtBlockBarrier); }
 // A barrier call of the kernels, numbered by transform.py, unless it is the one dropped.
 #define EMU_BARRIER(index, call) ((emu::dropped_barrier == (index)) ? void() : call)
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::State::kAtWarpBarrier); }
-inline float __shfl_xor_sync(unsigned, float x, int lane_mask) {
+// One lane-exchange buffer per shuffled type, so no value passes through another type.
+template <typename V> inline V shuffle_xor(V* warp_buf, V x, int lane_mask) {
   const int lane = threadIdx.x & 31;
-  float* buf = emu::shuffle_buf + (threadIdx.x & ~31u);
+  V* buf = warp_buf + (threadIdx.x & ~31u);
   buf[lane] = x;
   __syncwarp();
-  const float other = buf[lane ^ lane_mask];
+  const V other = buf[lane ^ lane_mask];
   __syncwarp();  // nobody overwrites buf before every lane has read it
   return other;
 }
-// CUDA shuffles a double as two 32-bit halves; the emulator moves both halves the same way.
-inline double __shfl_xor_sync(unsigned mask, double x, int lane_mask) {
-  float halves[2];
-  std::memcpy(halves, &x, sizeof x);
-  halves[0] = __shfl_xor_sync(mask, halves[0], lane_mask);
-  halves[1] = __shfl_xor_sync(mask, halves[1], lane_mask);
-  std::memcpy(&x, halves, sizeof x);
-  return x;
+inline float __shfl_xor_sync(unsigned, float x, int lane_mask) {
+  return shuffle_xor(emu::shuffle_buf, x, lane_mask);
+}
+inline int __shfl_xor_sync(unsigned, int x, int lane_mask) {
+  return shuffle_xor(emu::shuffle_buf_int, x, lane_mask);
 }
