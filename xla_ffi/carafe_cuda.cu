@@ -7,8 +7,8 @@
 //   backward 1     one warp per output point: per group the lanes take taps, w_t from the
 //                  stats and dw_t = g . x[l + t] over the group's channels, staged in w_scratch;
 //                  after a warp barrier every lane reads the group's dw in tap order for the
-//                  normaliser's vjp, writes its taps' dlogits and, after a second barrier,
-//                  their weights over the staged dw.
+//                  normaliser's vjp (sapa_common.h's point_logit_gradients), writes its taps'
+//                  dlogits and, after a second barrier, their weights over the staged dw.
 //   backward 2     one thread per element of dx: gathers w g over the taps and the s*s children
 //                  of every centre whose window covers the pixel, in a fixed order.
 // No atomics and every output element has one writer, so results do not depend on the schedule.
@@ -155,31 +155,28 @@ __global__ void __launch_bounds__(kThreads)
         wrow[t] = dw;
       }
       __syncwarp();  // every tap's dw staged before the lanes read all of them
-      float wdw = 0.f;  // softmax: sum_u w_u dw_u, in tap order (the same bits in every lane)
-      if (P.normalizer == sapa::kSoftmax)
-        for (int u = 0; u < P.T; ++u)
-          wdw = fmaf(sapa::tap_weight(P.normalizer, load_f(lrow[u]), st0, st1, true), wrow[u],
-                     wdw);
-      float dl_mine[4];  // the dlogits of this lane's taps t = lane + 32 i (i < 4: K <= 11)
-      for (int i = 0, t = lane; i < 4 && t < P.T; ++i, t += 32) {
-        const float logit = load_f(lrow[t]);
-        const float w = sapa::tap_weight(P.normalizer, logit, st0, st1, true);
-        const float dw = wrow[t];
-        float dl = dw;  // none
-        if (P.normalizer == sapa::kSoftmax) {
-          dl = w * (dw - wdw);
-        } else if (P.normalizer != sapa::kNone) {
-          // h / (S + eps): docs/design.md §2's cancellation-free form, as the CPU kernel
-          float acc = P.eps * dw;
-          for (int u = 0; u < P.T; ++u)
-            acc += sapa::h_value(P.normalizer, load_f(lrow[u])) * (dw - wrow[u]);
-          const float dh = st1 != 0.f ? dw : acc * (st0 * st0);
-          dl = sapa::h_vjp(P.normalizer, logit, dh);
-        }
-        dl_mine[i] = dl;
-      }
+      // The group's logit gradients (sapa_common.h's shared formula): every lane runs the
+      // three passes over all taps in tap order, so all lanes see the same sums, and keeps the
+      // gradients of its own taps t = lane + 32 i (i < 4: K <= 11).
+      float dl_mine[4] = {0.f, 0.f, 0.f, 0.f};
+      sapa::point_logit_gradients<float>(
+          P.normalizer, P.eps, st0, st1, P.T,
+          [&](int64_t u, float* logit, float* w, float* dw) {
+            *logit = load_f(lrow[u]);
+            *w = sapa::tap_weight(P.normalizer, *logit, st0, st1, true);
+            *dw = wrow[u];
+            return true;
+          },
+          [&](int64_t u, float, float dl) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)  // constant indices: dl_mine stays in registers
+              if (u == lane + 32 * i) dl_mine[i] = dl;
+          });
       __syncwarp();  // every lane done reading the staged dw before the weights replace it
-      for (int i = 0, t = lane; i < 4 && t < P.T; ++i, t += 32) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = lane + 32 * i;
+        if (t >= P.T) break;
         dlogits[pt * P.LC + grp * P.T + t] = store_f<T>(dl_mine[i]);
         wrow[t] = sapa::tap_weight(P.normalizer, load_f(lrow[t]), st0, st1, true);
       }

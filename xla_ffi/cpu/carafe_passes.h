@@ -8,7 +8,8 @@
 // out[group channels] = sum of its inside taps' weights times rows of x; x is never expanded
 // into K*K patches. Backward pass 1 per output row: weights again from the stats, dw_t = g . x
 // [l + t] per group (column dots of g against K band rows of x, zero padding included), the
-// normaliser's vjp into dlogits, and the weights into w_scratch. Pass 2 per low-res row gathers
+// normaliser's vjp (sapa_common.h's point_logit_gradients) into dlogits, and the weights into
+// w_scratch. Pass 2 per low-res row gathers
 // dx[m, group channels] = sum w g over the taps and the s*s children of every centre m - t,
 // in a fixed order: no atomics, every output element written by one worker.
 #ifndef SAPA_JAX_XLA_FFI_CPU_CARAFE_PASSES_H_
@@ -108,39 +109,21 @@ struct CarafeKernel {
     }
   }
 
-  // The normaliser's vjp for one group, lane-wise: dl (taps, width) from the logits, weights,
-  // dw_t = g . x[l + t] and stats. Every tap counts. docs/design.md §2:
-  //   softmax: dl_t = w_t (dw_t - sum_u w_u dw_u);  none: dl_t = dw_t;
-  //   h / (S + eps): dl_t = h'(x_t) (eps dw_t + sum_u h_u (dw_t - dw_u)) / (S + eps)^2
-  // (cancellation-free; dh = dw for an all-zero window, stat 1 set, as jnp's denominator 1).
+  // The normaliser's vjp for one group: dl (taps, width) from the logits, weights, dw_t =
+  // g . x[l + t] and stats, per lane with the shared formula (sapa_common.h,
+  // point_logit_gradients; every tap counts).
   SAPA_INLINE void group_logit_gradients(const A* logit, const A* w, const A* dw, const A* st0,
-                                         const A* st1, A* h, A* acc, A* dl) const {
-    const int64_t n = taps();
-    if (normalizer == sapa::kNone) {
-      std::copy(dw, dw + n * width, dl);
-      return;
-    }
-    if (normalizer == sapa::kSoftmax) {
-      std::fill(acc, acc + width, A(0));
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < width; ++j) acc[j] += w[t * width + j] * dw[t * width + j];
-      for (int64_t e = 0; e < n * width; e += width)
-        for (int64_t j = 0; j < width; ++j) dl[e + j] = w[e + j] * (dw[e + j] - acc[j]);
-      return;
-    }
-    for (int64_t e = 0; e < n * width; ++e) h[e] = sapa::h_value(normalizer, logit[e]);
-    for (int64_t t = 0; t < n; ++t) {
-      const A* dwt = dw + t * width;
-      for (int64_t j = 0; j < width; ++j) acc[j] = A(eps) * dwt[j];
-      for (int64_t u = 0; u < n; ++u)
-        for (int64_t j = 0; j < width; ++j)
-          acc[j] += h[u * width + j] * (dwt[j] - dw[u * width + j]);
-      for (int64_t j = 0; j < width; ++j) {
-        const int64_t e = t * width + j;
-        const A dh = st1[j] != A(0) ? dwt[j] : acc[j] * (st0[j] * st0[j]);
-        dl[e] = sapa::h_vjp(normalizer, logit[e], dh);
-      }
-    }
+                                         const A* st1, A* dl) const {
+    for (int64_t j = 0; j < width; ++j)
+      sapa::point_logit_gradients<A>(
+          normalizer, A(eps), st0[j], st1[j], taps(),
+          [&](int64_t p, A* x, A* wp, A* dwp) {
+            *x = logit[p * width + j];
+            *wp = w[p * width + j];
+            *dwp = dw[p * width + j];
+            return true;
+          },
+          [&](int64_t p, A, A dlogit) { dl[p * width + j] = dlogit; });
   }
 
   // dst[j * stride + c] = From<T>(src[c * width + j]) for j < oW, c < ch: a tap-major row back
@@ -166,7 +149,7 @@ struct CarafeKernel {
 
   // Per-thread buffers of the forward and of backward pass 1.
   struct Work {
-    std::vector<A> lT, w, st0, st1, poison, coef, gT, dw, dl, h, acc, zero;
+    std::vector<A> lT, w, st0, st1, poison, coef, gT, dw, dl, zero;
     std::vector<const A*> rows, grows, xwin;
     std::vector<T*> outs;
     std::vector<int64_t> tap_of;
@@ -178,8 +161,7 @@ struct CarafeKernel {
           coef(zeros<A>(kn.g.s * kn.taps())),
           gT(zeros<A>(backward ? kn.g.C * kn.width : 0)),
           dw(zeros<A>(backward ? kn.g.logit_channels() * kn.width : 0)), dl(dw),
-          h(zeros<A>(backward ? kn.taps() * kn.width : 0)), acc(zeros<A>(kn.width)),
-          zero(acc), rows(size_t(kn.taps())), grows(rows), xwin(size_t(kn.g.K)),
+          zero(zeros<A>(kn.width)), rows(size_t(kn.taps())), grows(rows), xwin(size_t(kn.g.K)),
           outs(size_t(kn.g.s)), tap_of(size_t(kn.taps())),
           x(kn.g.W, kn.g.C, backward ? 0 : kn.g.K),
           xband(kn.band_geometry(), backward ? kn.g.C : 0, kn.band_w) {}
@@ -303,7 +285,7 @@ struct CarafeKernel {
         group_weights(wk.lT.data() + at, st0, st1, wk.w.data() + at);
         group_tap_products(wk.gT.data(), wk.xwin.data(), grp, wk.dw.data(), wk.zero.data());
         group_logit_gradients(wk.lT.data() + at, wk.w.data() + at, wk.dw.data() + at, st0, st1,
-                              wk.h.data(), wk.acc.data(), wk.dl.data() + at);
+                              wk.dl.data() + at);
       }
       untranspose(wk.w.data(), g.logit_channels(), w_out + g.logit_at(b, i, 0),
                   g.logit_channels());
