@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from . import _checks, _ffi, reference
 from ._checks import ArrayIn
-from .core import _current_platform, _forced_impl, resolve_impl, resolve_impl_without_kernel
+from .core import resolve_impl
 
 
 def check_carafe_args(x, logits, *, kernel_size, scale, groups, normalizer, eps, impl) -> dict:
@@ -55,21 +55,16 @@ def check_carafe_args(x, logits, *, kernel_size, scale, groups, normalizer, eps,
 # ----------------------------------------------------------------------------- back end choice
 
 def resolve_carafe_impl(impl: str, kernel_size: int, dtype, *arrays: ArrayIn) -> str:
-    """"xla" or "ffi" for this call: `core.resolve_impl` (same switch, messages and fallback
-    warning), except where the platform's module is built without the CARAFE kernel (an
-    old build): there the jnp path, or a RuntimeError where the kernel is demanded.
-    The CUDA kernel takes kernel_size <= 11: beyond, "auto" runs jnp and "ffi" raises."""
-    platform = _current_platform(*arrays)
-    if _ffi.status(platform).built and not _ffi.has_carafe_kernel(platform):
-        return resolve_impl_without_kernel(impl, "CARAFE")
-    limit = _ffi.CARAFE_MAX_KERNEL_SIZE.get(platform)
-    if limit is not None and kernel_size > limit and _forced_impl(impl) != "xla":
-        if _forced_impl(impl) == "ffi":
-            raise ValueError(
-                f"impl='ffi' on {platform!r} supports CARAFE kernel_size <= {limit}, got "
-                f"{kernel_size}; use impl='auto' or 'xla'")
-        return "xla"
-    return resolve_impl(impl, dtype, *arrays)
+    """"xla" or "ffi" for this call: `core.resolve_impl` (the switch, the messages and the
+    fallback warning), with "xla" where the platform's module has no CARAFE kernel for this
+    call (an old build, or a kernel_size above the back end's limit: CUDA takes K <= 11);
+    there impl="ffi" raises a RuntimeError that says so."""
+    def kernel_built(platform: str) -> bool:
+        limit = _ffi.CARAFE_MAX_KERNEL_SIZE.get(platform)
+        return _ffi.has_carafe_kernel(platform) and (limit is None or kernel_size <= limit)
+
+    return resolve_impl(impl, dtype, *arrays, operator=f"CARAFE (kernel_size={kernel_size})",
+                        kernel_built=kernel_built)
 
 
 # ----------------------------------------------------------------------------- jnp reference

@@ -398,13 +398,14 @@ def test_impl_routing(monkeypatch):
             rtol=1e-6, atol=1e-6)
     # A module built without the CARAFE targets: "auto" runs jnp, "ffi" says why it cannot.
     monkeypatch.setattr(_ffi, "has_carafe_kernel", lambda platform: False)
-    with pytest.raises(RuntimeError, match=r"impl='ffi'.*CARAFE fused kernel is not built"
-                                           r".*use impl='auto' or 'xla'"):
+    with pytest.raises(RuntimeError, match=r"impl='ffi'.*CARAFE \(kernel_size=3\) fused "
+                                           r"kernel is not built.*use impl='auto' or 'xla'"):
         sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="ffi")
     auto = sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="auto")
     np.testing.assert_array_equal(np.asarray(auto), xla)
     monkeypatch.setenv("SAPA_JAX_IMPL", "ffi")
-    with pytest.raises(RuntimeError, match=r"CARAFE fused kernel is not built"):
+    with pytest.raises(RuntimeError, match=r"CARAFE \(kernel_size=3\) fused kernel is not "
+                                           r"built"):
         sapa_jax.carafe_upsample(x, logits, kernel_size=3)
     monkeypatch.setenv("SAPA_JAX_IMPL", "xla")
     sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="ffi")  # the switch wins

@@ -259,8 +259,9 @@ def test_kernel_size_limit_of_a_back_end_routes_to_jnp(monkeypatch):
     f = lambda impl: jax.jit(lambda x, l: sapa_jax.carafe_upsample(x, l, kernel_size=5,
                                                                    impl=impl))
     assert "carafe_forward" not in f("auto").lower(x, logits).as_text()
-    with pytest.raises(ValueError, match=r"impl='ffi' on 'cpu' supports CARAFE kernel_size <= 3, "
-                                         r"got 5"):
+    with pytest.raises(RuntimeError, match=r"impl='ffi' was asked for, but the CARAFE "
+                                           r"\(kernel_size=5\) fused kernel is not built for "
+                                           r"platform 'cpu'"):
         sapa_jax.carafe_upsample(x, logits, kernel_size=5, impl="ffi")
     small = jnp.zeros((1, 6, 6, 9))
     g = jax.jit(lambda x, l: sapa_jax.carafe_upsample(x, l, kernel_size=3, impl="auto"))

@@ -4,12 +4,12 @@
 //   forward        one warp per output point: per group the stats (every lane reduces the
 //                  group's K*K logits in tap order, so all lanes hold the same bits), then the
 //                  lanes take the group's channels: out = sum_t w_t x[l + t] (+ poison terms).
-//   backward 1     one warp per output point: per group the lanes take taps, w_t from the
+//   backward_points  one warp per output point: per group the lanes take taps, w_t from the
 //                  stats and dw_t = g . x[l + t] over the group's channels, staged in w_scratch;
 //                  after a warp barrier every lane reads the group's dw in tap order for the
 //                  normaliser's vjp (sapa_common.h's point_logit_gradients), writes its taps'
 //                  dlogits and, after a second barrier, their weights over the staged dw.
-//   backward 2     one thread per element of dx: gathers w g over the taps and the s*s children
+//   backward_gather  one thread per element of dx: gathers w g over the taps and the s*s children
 //                  of every centre whose window covers the pixel, in a fixed order.
 // No atomics and every output element has one writer, so results do not depend on the schedule.
 #include <cuda_bf16.h>
@@ -78,18 +78,14 @@ __device__ __forceinline__ int64_t x_offset(int64_t b, int y, int x, const Caraf
   return ((b * P.H + y) * static_cast<int64_t>(P.W) + x) * P.C;
 }
 
-// The stats of one group of one point (sapa_common.h layout), reduced in tap order.
+// The stats of one group of one point (sapa_common.h's point_stats, in tap order; every tap
+// counts).
 template <typename T>
 __device__ __forceinline__ float2 group_stats(const T* __restrict__ lrow, const CarafeParams& P) {
-  float top = -INFINITY, sum = 0.f;
-  if (P.normalizer == sapa::kSoftmax) {
-    for (int t = 0; t < P.T; ++t) top = sapa::nan_max(top, load_f(lrow[t]));
-    for (int t = 0; t < P.T; ++t) sum += expf(load_f(lrow[t]) - top);
-  } else if (P.normalizer != sapa::kNone) {
-    for (int t = 0; t < P.T; ++t) sum += sapa::h_value(P.normalizer, load_f(lrow[t]));
-  }
   float2 st;
-  sapa::finish_stats<float>(P.normalizer, P.eps, top, sum, &st.x, &st.y);
+  sapa::point_stats<float>(
+      P.normalizer, P.eps, P.T, [&](int64_t t) { return load_f(lrow[t]); },
+      [](int64_t) { return true; }, &st.x, &st.y);
   return st;
 }
 
@@ -187,7 +183,7 @@ __global__ void __launch_bounds__(kThreads)
 // One thread per element of dx: taps dy outer, dx inner, then the children row-major.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    carafe_backward_lowres_simple(CarafeParams P, const T* __restrict__ g,
+    carafe_backward_gather_simple(CarafeParams P, const T* __restrict__ g,
                                   const float* __restrict__ w_in, T* __restrict__ dx) {
   const int64_t total = P.n * P.H * static_cast<int64_t>(P.W) * P.C;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -299,9 +295,9 @@ ffi::Error launch_backward(cudaStream_t stream, const CarafeParams& P, const voi
   if (auto err = launch_error("carafe_backward_points_simple"); err.failure()) return err;
   const int64_t items = P.n * P.H * int64_t{P.W} * P.C;
   if (items == 0) return ffi::Error::Success();
-  carafe_backward_lowres_simple<T><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
+  carafe_backward_gather_simple<T><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
       P, static_cast<const T*>(g), static_cast<const float*>(w), static_cast<T*>(dx));
-  return launch_error("carafe_backward_lowres_simple");
+  return launch_error("carafe_backward_gather_simple");
 }
 
 ffi::Error CarafeForwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer logits,

@@ -3,13 +3,13 @@
 // weighted rows, row bands and the parallel-for).
 //
 // One work item is (batch element, low-res row li), as in SAPA's kernels.
-// Forward: per output row, the logits transposed to tap-major with the output columns on the
+// forward: per output row, the logits transposed to tap-major with the output columns on the
 // vector lanes, each group normalised lane-wise (stats as SAPA's), then every point's
 // out[group channels] = sum of its inside taps' weights times rows of x; x is never expanded
-// into K*K patches. Backward pass 1 per output row: weights again from the stats, dw_t = g . x
+// into K*K patches. backward_points per output row: weights again from the stats, dw_t = g . x
 // [l + t] per group (column dots of g against K band rows of x, zero padding included), the
 // normaliser's vjp (sapa_common.h's point_logit_gradients) into dlogits, and the weights into
-// w_scratch. Pass 2 per low-res row gathers
+// w_scratch. backward_gather per low-res row gathers
 // dx[m, group channels] = sum w g over the taps and the s*s children of every centre m - t,
 // in a fixed order: no atomics, every output element written by one worker.
 #ifndef SAPA_JAX_XLA_FFI_CPU_CARAFE_PASSES_H_
@@ -267,7 +267,7 @@ struct CarafeKernel {
   }
 
   // Backward pass 1: dlogits of output rows li*s .. li*s+s-1, and their weights into scratch.
-  SAPA_CLONES void backward_point_item(const T* x, const T* logits, const A* stat,
+  SAPA_CLONES void backward_points_item(const T* x, const T* logits, const A* stat,
                                        const T* gout, T* dlogits, A* w_out, int64_t b,
                                        int64_t li, Work& wk) const {
     const int64_t n = taps();
@@ -355,7 +355,7 @@ struct CarafeKernel {
         pool, g.n * g.H, item_flops(), [&] { return Work(*this, true); },
         [&](Work& wk, int64_t begin, int64_t end) {
           for (int64_t item = begin; item < end; ++item)
-            backward_point_item(x, logits, stat, gout, dlogits, w, item / g.H, item % g.H, wk);
+            backward_points_item(x, logits, stat, gout, dlogits, w, item / g.H, item % g.H, wk);
         });
     parallel_for(
         pool, g.n * g.H, item_flops(), [&] { return GatherWork(*this); },
