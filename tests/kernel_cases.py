@@ -1,7 +1,61 @@
 """Cases and comparisons shared by the kernel tests (test_ffi, test_cuda_emulated, test_gpu)."""
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
+
+RESULT_NAMES = ("out", "dq", "dk", "dv")
+
+
+class Case(NamedTuple):
+    """One kernel problem: q (*lead, s H, s W, d), k (*lead, H, W, d), v (*lead, H, W, C)."""
+    lead: tuple
+    H: int
+    W: int
+    s: int
+    d: int
+    C: int
+    K: int
+    normalizer: str
+    border: str
+    dtype: Any = np.float32
+    eps: float = 1e-6
+
+    @property
+    def options(self) -> dict:
+        """The keyword arguments of sapa_upsample."""
+        return dict(kernel_size=self.K, scale=self.s, normalizer=self.normalizer,
+                    border=self.border, eps=self.eps)
+
+    def label(self) -> str:
+        return (f"lead={self.lead} {self.H}x{self.W} s={self.s} d={self.d} C={self.C} "
+                f"K={self.K} {self.normalizer}/{self.border} {np.dtype(self.dtype).name}")
+
+    def random_inputs(self, seed=0, dtype=None):
+        """Standard-normal q, k, v and the cotangent g (NumPy, `dtype` or the case's)."""
+        rng = np.random.default_rng(seed)
+        shapes = ((self.H * self.s, self.W * self.s, self.d), (self.H, self.W, self.d),
+                  (self.H, self.W, self.C), (self.H * self.s, self.W * self.s, self.C))
+        return [rng.standard_normal(self.lead + shape).astype(dtype or self.dtype)
+                for shape in shapes]
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| / max |want|; got must be finite and of want's size."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.size == want.size, (got.shape, want.shape)
+    assert np.isfinite(got).all(), "non-finite values from the kernel"
+    return float(np.max(np.abs(got.reshape(want.shape) - want), initial=0.0)
+                 / max(np.max(np.abs(want), initial=0.0), 1e-30))
+
+
+def assert_close(got, want, tol, label="", names=RESULT_NAMES):
+    """relative_error of each result (out, dq, dk, dv) within tol; prints them."""
+    errors = {name: relative_error(a, b) for name, a, b in zip(names, got, want)}
+    print(f"{label} " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+    bad = {n: e for n, e in errors.items() if not e <= tol}
+    assert not bad, f"{label}: errors above {tol}: {bad}"
 
 # ----------------------------------------------------------------------- non-finite values
 # docs/design.md §2: a NaN or an infinity in q, k or v makes exactly the output points and
@@ -78,3 +132,17 @@ BAD_FORWARD_CALLS = {
 }
 # A key of another dtype than q.
 MIXED_DTYPE_MESSAGE = "sapa_forward: k must have element type float32, got float16"
+
+# Malformed backward calls (q, k, v as in the forward cases above, out-shaped g): the stats or g
+# that break it, the attributes, and the message both back ends give.
+STATS_OK, G_OK = ((1, 4, 4, 2), np.float32), ((1, 4, 4, 5), np.float32)
+BAD_BACKWARD_CALLS = {
+    "stats-shape": (((1, 4, 4, 1), np.float32), G_OK, GOOD,
+                    "sapa_backward: stats must have shape (1, 4, 4, 2), got (1, 4, 4, 1)"),
+    "stats-dtype": (((1, 4, 4, 2), np.float64), G_OK, GOOD,
+                    "sapa_backward: stats must have element type float32, got float64"),
+    "g-shape": (STATS_OK, ((1, 4, 3, 5), np.float32), GOOD,
+                "sapa_backward: g must have shape (1, 4, 4, 5), got (1, 4, 3, 5)"),
+    "kernel-even": (STATS_OK, G_OK, (4, 2, 0, 0, 1e-6),
+                    "sapa_backward: kernel_size must be a positive odd integer, got 4"),
+}

@@ -1,4 +1,5 @@
-"""The CUDA kernels of xla_ffi/sapa_cuda.cu, run on the CPU and checked against the jnp reference.
+"""The CUDA kernels (xla_ffi/sapa_cuda.cu, xla_ffi/cuda/), run on the CPU and checked against the
+jnp reference.
 
 There is no GPU on the development machine nor in CI, so nvcc only proves that the CUDA source
 compiles. This test runs the *same source* on the CPU: tests/cuda_emulator/transform.py rewrites
@@ -6,8 +7,8 @@ the two constructs a header cannot emulate (the `extern __shared__` declaration 
 `kernel<T><<<...>>>(...)` launches), and g++ compiles the result against shim headers
 (tests/cuda_emulator/include/) that provide blocks, threads, `__syncthreads`, `__syncwarp`,
 `__shfl_xor_sync`, dynamic shared memory, the bf16/f16 types and the runtime calls the planner
-makes. The FFI implementation functions (validation, tile planner, launches, kernels) are called
-through a small pybind11 module, and the outputs and dq/dk/dv are compared with the float64
+makes. The entry points of xla_ffi/cuda/entry.h (validation, tile planner, launches, kernels) are
+called through a small pybind11 module, and the outputs and dq/dk/dv are compared with the float64
 `sapa_upsample(..., impl="xla")`.
 
 What it catches: index and halo arithmetic, tiling and tile edges, the grid-stride loops,
@@ -51,6 +52,7 @@ import sapa_jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from cuda_emulator import build as emu_build  # noqa: E402
 import kernel_cases  # noqa: E402
+from kernel_cases import Case  # noqa: E402
 
 try:
     import ml_dtypes
@@ -77,7 +79,7 @@ def emu_module(tmp_path_factory):
     except emu_build.BuildFailed as e:
         pytest.fail(str(e), pytrace=False)
     except emu_build.TransformMismatch as e:
-        pytest.fail(f"xla_ffi/sapa_cuda.cu no longer matches tests/cuda_emulator/transform.py: {e}",
+        pytest.fail(f"the CUDA sources no longer match tests/cuda_emulator/transform.py: {e}",
                     pytrace=False)
 
 
@@ -107,13 +109,6 @@ def set_knobs(env, knobs):
     """Exactly these planner settings (keyword arguments of the module's set_planner, the API
     the CUDA module has for tests: force_simple, tile_cap)."""
     env.set_planner(**knobs)
-
-
-def random_inputs(seed, lead, H, W, s, d, C, dtype):
-    """Standard-normal q, k, v and the cotangent g for a (lead..., H, W) -> (s*H, s*W) problem."""
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(lead + shape).astype(dtype)
-            for shape in ((H * s, W * s, d), (H, W, d), (H, W, C), (H * s, W * s, C))]
 
 
 def guarded(shape, dtype, fill=None):
@@ -172,52 +167,47 @@ def reference(q, k, v, g, K, s, normalizer, border, eps):
     return [np.asarray(a) for a in out_and_grads(*flat)]
 
 
-# lead, H, W, s, d, C, K, normalizer, border, eps, dtype, env, path; path = expected plan:
+# (case, planner settings, path); path = expected plan:
 # "tiled", "simple", or an int: the tile cap, checked through the grid of the launches.
 CASES = {
-    "softmax-zeros-s2-K3": ((1,), 5, 6, 2, 8, 16, 3, "softmax", "zeros", 1e-6, np.float32, {},
-                            "tiled"),
-    "softmax-valid-K7-map-smaller-than-kernel": ((1,), 3, 2, 2, 40, 13, 7, "softmax", "valid",
-                                                 1e-6, np.float32, {}, "tiled"),
-    "relu-zeros-s1-rank5": ((2, 1), 6, 5, 1, 5, 3, 3, "relu", "zeros", 1e-6, np.float32, {},
-                            "tiled"),
-    "sigmoid-valid-s3-K5-C65": ((1,), 3, 4, 3, 7, 65, 5, "sigmoid", "valid", 1e-6, np.float32,
-                                {}, "tiled"),
-    "softmax-valid-s4-K1": ((1,), 3, 4, 4, 3, 13, 1, "softmax", "valid", 1e-6, np.float32, {},
-                            "tiled"),
+    "softmax-zeros-s2-K3": (Case((1,), 5, 6, 2, 8, 16, 3, "softmax", "zeros"), {}, "tiled"),
+    "softmax-valid-K7-map-smaller-than-kernel":
+        (Case((1,), 3, 2, 2, 40, 13, 7, "softmax", "valid"), {}, "tiled"),
+    "relu-zeros-s1-rank5": (Case((2, 1), 6, 5, 1, 5, 3, 3, "relu", "zeros"), {}, "tiled"),
+    "sigmoid-valid-s3-K5-C65": (Case((1,), 3, 4, 3, 7, 65, 5, "sigmoid", "valid"), {}, "tiled"),
+    "softmax-valid-s4-K1": (Case((1,), 3, 4, 4, 3, 13, 1, "softmax", "valid"), {}, "tiled"),
     # K = 1 with an h-normaliser: w = h / (h + eps) is 1 - O(eps), so dlogit = h' eps dw / (h +
     # eps)^2 is all cancellation unless computed in docs/design.md §2's cancellation-free form (the
     # kernels once used h' (dw_p - sum_j w_j dw_j) / (S + eps) and lost ~3 digits here).
-    "softplus-zeros-s4-K1": ((1,), 3, 4, 4, 3, 13, 1, "softplus", "zeros", 1e-6, np.float32, {},
-                             "tiled"),
-    "relu-zeros-s2-K1-simple": ((1,), 3, 4, 2, 3, 13, 1, "relu", "zeros", 1e-6, np.float32,
-                                {"force_simple": True}, "simple"),
-    "relu-valid-K9-eps0-f16": ((1,), 2, 2, 2, 4, 6, 9, "relu", "valid", 0.0, np.float16, {},
-                               "tiled"),
-    "softmax-zeros-K5-bf16": ((1,), 4, 5, 2, 33, 40, 5, "softmax", "zeros", 1e-6, BF16, {},
-                              "tiled"),
+    "softplus-zeros-s4-K1": (Case((1,), 3, 4, 4, 3, 13, 1, "softplus", "zeros"), {}, "tiled"),
+    "relu-zeros-s2-K1-simple":
+        (Case((1,), 3, 4, 2, 3, 13, 1, "relu", "zeros"), {"force_simple": True}, "simple"),
+    "relu-valid-K9-eps0-f16":
+        (Case((1,), 2, 2, 2, 4, 6, 9, "relu", "valid", np.float16, 0.0), {}, "tiled"),
+    "softmax-zeros-K5-bf16":
+        (Case((1,), 4, 5, 2, 33, 40, 5, "softmax", "zeros", BF16), {}, "tiled"),
     # 320 output points > the 256 that 32 blocks of 8 warps cover: the grid-stride loop wraps.
-    "sigmoid-zeros-forced-simple": ((1,), 10, 8, 2, 7, 13, 5, "sigmoid", "zeros", 1e-6,
-                                    np.float32, {"force_simple": True}, "simple"),
-    "softplus-valid-tile-cap-2": ((1,), 5, 7, 2, 9, 20, 3, "softplus", "valid", 1e-6, np.float32,
-                                  {"tile_cap": 2}, 2),
-    "none-zeros-s2-K5": ((1,), 4, 5, 2, 6, 40, 5, "none", "zeros", 1e-6, np.float32, {},
-                         "tiled"),
-    "none-valid-s3-K3-simple": ((1,), 3, 4, 3, 5, 9, 3, "none", "valid", 1e-6, np.float32,
-                                {"force_simple": True}, "simple"),
+    "sigmoid-zeros-forced-simple":
+        (Case((1,), 10, 8, 2, 7, 13, 5, "sigmoid", "zeros"), {"force_simple": True}, "simple"),
+    "softplus-valid-tile-cap-2":
+        (Case((1,), 5, 7, 2, 9, 20, 3, "softplus", "valid"), {"tile_cap": 2}, 2),
+    "none-zeros-s2-K5": (Case((1,), 4, 5, 2, 6, 40, 5, "none", "zeros"), {}, "tiled"),
+    "none-valid-s3-K3-simple":
+        (Case((1,), 3, 4, 3, 5, 9, 3, "none", "valid"), {"force_simple": True}, "simple"),
 }
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_matches_reference(emu, env, x64, case):
-    lead, H, W, s, d, C, K, normalizer, border, eps, dtype, knobs, path = case
-    if dtype is None:
+    case, knobs, path = case
+    if case.dtype is None:
         pytest.skip("ml_dtypes not available")
     set_knobs(env, knobs)
-    q, k, v, g = random_inputs(0, lead, H, W, s, d, C, dtype)
+    q, k, v, g = case.random_inputs(0)
+    lead, H, W, K, s = case.lead, case.H, case.W, case.K, case.s
 
     emu.take_launches()
-    got = run_emulated(emu, q, k, v, g, K, s, normalizer, border, eps)
+    got = run_emulated(emu, q, k, v, g, K, s, case.normalizer, case.border, case.eps)
     launches = emu.take_launches()  # forward, backward pass 1, backward pass 2
     assert len(launches) == 3, launches
     if path == "simple":
@@ -231,12 +221,10 @@ def test_matches_reference(emu, env, x64, case):
 
     out, stats, dq, dk, dv = got[:5]
     assert np.isfinite(stats).all()
-    want = reference(q, k, v, g, K, s, normalizer, border, eps)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want):
-        a = a.reshape(b.shape).astype(np.float64)
-        assert np.isfinite(a).all(), f"{name}: non-finite values (unwritten or NaN shared memory)"
-        err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-        assert err <= TOL[np.dtype(dtype)], f"{name}: relative error {err:.2e}"
+    want = reference(q, k, v, g, K, s, case.normalizer, case.border, case.eps)
+    # non-finite values would be unwritten or NaN shared memory
+    kernel_cases.assert_close((out, dq, dk, dv), want, TOL[np.dtype(case.dtype)],
+                              "emulated " + case.label())
 
 
 @pytest.mark.parametrize("border", BORDERS)
@@ -309,20 +297,21 @@ SCHEDULES = {"reversed": (1, 0), "shuffled-1": (2, 1), "shuffled-2": (2, 2)}
 # channels at all (no chunk loop runs), and the simple kernels with more taps than a warp has
 # lanes.
 PROBES = {
-    "tiled-cap2-2-key-chunks": ((2,), 5, 6, 2, 40, 70, 3, "softmax", "zeros",
+    "tiled-cap2-2-key-chunks": (Case((2,), 5, 6, 2, 40, 70, 3, "softmax", "zeros"),
                                 {"tile_cap": 2}),
-    "tiled-full-tile-1-key-chunk": ((1,), 9, 9, 2, 12, 20, 3, "relu", "valid", {}),
-    "tiled-no-channels": ((1,), 3, 4, 2, 0, 0, 3, "softplus", "zeros", {}),
-    "simple-49-taps": ((1,), 3, 4, 2, 40, 37, 7, "sigmoid", "valid",
+    "tiled-full-tile-1-key-chunk": (Case((1,), 9, 9, 2, 12, 20, 3, "relu", "valid"), {}),
+    "tiled-no-channels": (Case((1,), 3, 4, 2, 0, 0, 3, "softplus", "zeros"), {}),
+    "simple-49-taps": (Case((1,), 3, 4, 2, 40, 37, 7, "sigmoid", "valid"),
                        {"force_simple": True}),
 }
 
 
 def run_probe(emu, env, probe):
-    lead, H, W, s, d, C, K, normalizer, border, knobs = probe
+    case, knobs = probe
     set_knobs(env, knobs)
-    q, k, v, g = random_inputs(3, lead, H, W, s, d, C, np.float32)
-    return [a.copy() for a in run_emulated(emu, q, k, v, g, K, s, normalizer, border, 1e-6)]
+    q, k, v, g = case.random_inputs(3)
+    return [a.copy() for a in run_emulated(emu, q, k, v, g, case.K, case.s, case.normalizer,
+                                           case.border, case.eps)]
 
 
 def differing(a_list, b_list):
@@ -457,13 +446,14 @@ def test_nonfinite_inputs_propagate_as_in_jnp(emu, env, x64, normalizer, border)
 # --------------------------------------------------------------- the shared logit gradient
 # sapa_common.h's point_logit_gradients, the one formula of both back ends, against an exact
 # evaluation (float64 for the float kernels, x87 long double for the double ones) of
-# docs/design.md §1's gradient from the same logits x, dw and the weights and stats as the
+# docs/design.md §2's gradient from the same logits x, dw and the weights and stats as the
 # kernels computed them, for every normaliser, both borders and K = 1..9. Per tap p, with u the
 # unit roundoff, eta the smallest subnormal, n = K*K, G_p = sum_j w_j (dw_p - dw_j) and
 # Q_p = sum_j w_j |dw_p - dw_j|:
 #   softmax        dlogit_p = w_p G_p,   |err| <= kappa u w_p Q_p + 4 eta (1 + Q_p)
 #   h / (S + eps)  dlogit_p = h'(x_p) dh_p,  dh_p = inv (eps inv dw_p + G_p)  (inv = stat 0),
-#                  |err| <= kappa u |h'(x_p)| D_p + 4 eta (1 + D_p),  D_p = inv (eps inv |dw_p| + Q_p)
+#                  |err| <= kappa u |h'(x_p)| D_p + 4 eta (1 + D_p),
+#                  D_p = inv (eps inv |dw_p| + Q_p)
 #                  (an all-zero window: dh_p = dw_p, D_p = |dw_p|)
 #   none, uncounted taps, relu at x_p <= 0: exact
 # with kappa = (n + 4) (6 + 2 W / w_max), W / w_max (<= n) the point's total over its largest
@@ -542,7 +532,8 @@ def test_logit_gradient_error_bound(emu_module, dtype):
     if dtype == np.float64 and np.finfo(LONG).eps > 2.0 ** -60:
         pytest.skip("no extended long double for the float64 reference on this platform")
     wide = np.float64 if dtype == np.float32 else LONG
-    shared = emu_module.logit_gradients_f32 if dtype == np.float32 else emu_module.logit_gradients_f64
+    shared = (emu_module.logit_gradients_f32 if dtype == np.float32
+              else emu_module.logit_gradients_f64)
     codes = emu_module.contract()
     rng = np.random.default_rng(11)
     used = {}  # the largest error / bound per normaliser
@@ -583,3 +574,26 @@ def test_logit_gradient_bound_rejects_the_naive_form(emu_module):
     want, bound = exact_logit_gradients("softplus", "zeros", float(np.float32(eps)), x, w, dw,
                                         stats, inside, np.float64)
     assert np.max(np.abs(naive - want) / bound) > 100
+
+
+@pytest.mark.parametrize("case", kernel_cases.BAD_BACKWARD_CALLS.values(),
+                         ids=kernel_cases.BAD_BACKWARD_CALLS.keys())
+def test_malformed_backward_calls_give_the_cpu_handlers_text(emu, env, x64, case):
+    # One text on both back ends (sapa_validate.h): the CUDA handler through the emulator, the CPU
+    # handler through XLA and the compiled module.
+    (stats_shape, stats_dtype), (g_shape, g_dtype), attrs, message = case
+    q, k, v = (np.zeros(s, np.float32) for s in (kernel_cases.Q, kernel_cases.K3,
+                                                   kernel_cases.V5))
+    stats, g = np.zeros(stats_shape, stats_dtype), np.zeros(g_shape, g_dtype)
+    taps = attrs[0] * attrs[0]
+    scratch = [np.zeros(q.shape[:-1] + (taps,), np.float32) for _ in range(2)]
+    emu.take_launches()
+    got = emu.backward(q, k, v, stats, g, q.copy(), k.copy(), v.copy(), *scratch, *attrs)
+    assert got == message
+    assert emu.take_launches() == [], "a malformed call launched a kernel"
+    if not sapa_jax.ffi_available("cpu"):
+        pytest.skip("the CPU module is not built")
+    from sapa_jax import _ffi
+    with pytest.raises(Exception) as err:
+        jax.block_until_ready(_ffi.backward_call(q, k, v, stats, g, _ffi.Options(*attrs)))
+    assert message in str(err.value)

@@ -1,9 +1,9 @@
-"""The fused CUDA kernels (xla_ffi/sapa_cuda.cu) on a GPU.
+"""The fused CUDA kernels (xla_ffi/sapa_cuda.cu, xla_ffi/cuda/) on a GPU.
 
 Truth is the patch-based jnp core (`impl="xla"`, HIGHEST precision) on the same GPU, and, where
 torch with CUDA is importable, the independent PyTorch oracle of tests/torch_reference.py. Every
 comparison covers the output and the gradients w.r.t. q, k and v (`jax.vjp` with a random
-cotangent). Errors are max|ffi - ref| / max|ref| per array.
+cotangent). Errors are max|ffi - ref| / max|ref| per array (kernel_cases.assert_close).
 
 The CUDA module has a test-only planner API, `sapa_jax._sapa_cuda.set_planner(force_simple,
 tile_cap)`: force_simple selects the simple (no shared memory) kernels, tile_cap=n caps the tile
@@ -75,36 +75,22 @@ def _out_and_grads(q, k, v, g, impl, **opts):
     return (out, *vjp(g))
 
 
-def _rel_err(got, want) -> float:
-    got = np.asarray(got, np.float64)
-    want = np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert np.all(np.isfinite(got)), "non-finite values from the kernel"
-    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
-
-
-def _assert_close(got, want, tol, label=""):
-    names = ("out", "dq", "dk", "dv")
-    errors = {name: _rel_err(a, b) for name, a, b in zip(names, got, want)}
-    print(f"GPU {label} " + " ".join(f"{n}={e:.2e}" for n, e in errors.items()))
-    bad = {n: e for n, e in errors.items() if not e <= tol}
-    assert not bad, f"{label}: errors above {tol}: {bad}"
-
-
-def _compare(batch, height, width, scale, dim, channels, kernel_size, normalizer, border,
-             dtype=F32, eps=1e-6, seed=0, magnitude=1.0):
-    q, k, v, g = _inputs(batch, height, width, scale, dim, channels, dtype, seed, magnitude)
-    opts = dict(kernel_size=kernel_size, scale=scale, normalizer=normalizer, border=border,
-                eps=eps)
-    got = _out_and_grads(q, k, v, g, "ffi", **opts)
-    want = _out_and_grads(q, k, v, g, "xla", **opts)
+def _compare(case: kernel_cases.Case, seed=0, magnitude=1.0):
+    q, k, v, g = _inputs(case.lead[0], case.H, case.W, case.s, case.d, case.C, case.dtype, seed,
+                         magnitude)
+    got = _out_and_grads(q, k, v, g, "ffi", **case.options)
+    want = _out_and_grads(q, k, v, g, "xla", **case.options)
     for a in got:
-        assert a.dtype == np.dtype(dtype)
+        assert a.dtype == np.dtype(case.dtype)
         assert next(iter(a.devices())).platform == "gpu"
-    _assert_close(got, want, TOL[np.dtype(dtype)],
-                  f"B={batch} {height}x{width} s={scale} d={dim} C={channels} K={kernel_size} "
-                  f"{normalizer}/{border} {np.dtype(dtype).name}")
+    kernel_cases.assert_close(got, want, TOL[np.dtype(case.dtype)], "GPU " + case.label())
     return got
+
+
+def _case(batch, height, width, scale, dim, channels, kernel_size, normalizer, border,
+          dtype=F32):
+    return kernel_cases.Case((batch,), height, width, scale, dim, channels, kernel_size,
+                             normalizer, border, dtype)
 
 
 # Pairwise coverage: every normalizer with both borders, scales 1-4, K 1/3/5/7/9, maps smaller
@@ -112,22 +98,22 @@ def _compare(batch, height, width, scale, dim, channels, kernel_size, normalizer
 # one 32/64-channel chunk), all three dtypes.
 CASES = [
     # batch, H, W, s, d, C, K, normalizer, border, dtype
-    (1, 8, 8, 2, 16, 32, 5, "softmax", "zeros", F32),
-    (5, 7, 9, 2, 32, 64, 5, "softmax", "valid", F32),
-    (2, 6, 5, 1, 5, 3, 3, "relu", "zeros", F32),
-    (1, 5, 7, 3, 7, 37, 5, "sigmoid", "valid", F32),
-    (2, 5, 4, 4, 3, 65, 3, "softplus", "zeros", F32),
-    (1, 3, 2, 2, 40, 13, 7, "softmax", "valid", F32),
-    (1, 2, 3, 2, 4, 6, 9, "relu", "valid", F32),
-    (3, 9, 10, 2, 16, 130, 1, "softmax", "zeros", F32),
-    (1, 11, 13, 2, 9, 70, 9, "sigmoid", "zeros", F32),
-    (1, 17, 18, 2, 32, 100, 3, "softplus", "valid", F32),
-    (2, 12, 10, 2, 33, 96, 5, "softmax", "zeros", BF16),
-    (1, 6, 7, 3, 8, 24, 3, "relu", "valid", F16),
-    (5, 4, 6, 4, 12, 20, 7, "softplus", "valid", BF16),
-    (1, 10, 12, 1, 24, 48, 5, "sigmoid", "zeros", F16),
-    (1, 8, 8, 2, 16, 32, 5, "none", "zeros", F32),   # the logits are the weights
-    (2, 5, 7, 3, 7, 37, 3, "none", "valid", BF16),
+    _case(1, 8, 8, 2, 16, 32, 5, "softmax", "zeros", F32),
+    _case(5, 7, 9, 2, 32, 64, 5, "softmax", "valid", F32),
+    _case(2, 6, 5, 1, 5, 3, 3, "relu", "zeros", F32),
+    _case(1, 5, 7, 3, 7, 37, 5, "sigmoid", "valid", F32),
+    _case(2, 5, 4, 4, 3, 65, 3, "softplus", "zeros", F32),
+    _case(1, 3, 2, 2, 40, 13, 7, "softmax", "valid", F32),
+    _case(1, 2, 3, 2, 4, 6, 9, "relu", "valid", F32),
+    _case(3, 9, 10, 2, 16, 130, 1, "softmax", "zeros", F32),
+    _case(1, 11, 13, 2, 9, 70, 9, "sigmoid", "zeros", F32),
+    _case(1, 17, 18, 2, 32, 100, 3, "softplus", "valid", F32),
+    _case(2, 12, 10, 2, 33, 96, 5, "softmax", "zeros", BF16),
+    _case(1, 6, 7, 3, 8, 24, 3, "relu", "valid", F16),
+    _case(5, 4, 6, 4, 12, 20, 7, "softplus", "valid", BF16),
+    _case(1, 10, 12, 1, 24, 48, 5, "sigmoid", "zeros", F16),
+    _case(1, 8, 8, 2, 16, 32, 5, "none", "zeros", F32),   # the logits are the weights
+    _case(2, 5, 7, 3, 7, 37, 3, "none", "valid", BF16),
 ]
 
 
@@ -137,18 +123,16 @@ def test_cuda_module_is_registered():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch,height,width,scale,dim,channels,kernel_size,normalizer,border,dtype",
-                         CASES)
-def test_ffi_matches_jnp(batch, height, width, scale, dim, channels, kernel_size, normalizer,
-                         border, dtype):
-    _compare(batch, height, width, scale, dim, channels, kernel_size, normalizer, border, dtype)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label().replace(" ", "-"))
+def test_ffi_matches_jnp(case):
+    _compare(case)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("normalizer", ["softmax", "softplus"])
 def test_large_logits(normalizer):
     # |logit| up to ~100: the max-subtracted softmax and the overflow-free softplus must hold.
-    _compare(2, 9, 8, 2, 16, 24, 5, normalizer, "valid", magnitude=3.0)
+    _compare(_case(2, 9, 8, 2, 16, 24, 5, normalizer, "valid"), magnitude=3.0)
 
 
 @pytest.mark.gpu
@@ -177,7 +161,7 @@ def test_all_zero_relu_windows_give_zeros(monkeypatch, border, force_simple):
 def test_simple_kernels_match(monkeypatch, case):
     """The fallback kernels (chosen automatically for huge K or s) on ordinary shapes."""
     _planner(force_simple=True)
-    _compare(*case)
+    _compare(case)
 
 
 @pytest.mark.gpu
@@ -185,8 +169,8 @@ def test_simple_kernels_match(monkeypatch, case):
 def test_small_tiles_match(monkeypatch, cap):
     """Many partial tiles and halos clipped on every side."""
     _planner(tile_cap=int(cap))
-    _compare(2, 13, 11, 2, 20, 70, 5, "softmax", "zeros")
-    _compare(1, 10, 9, 3, 9, 33, 7, "sigmoid", "valid")
+    _compare(_case(2, 13, 11, 2, 20, 70, 5, "softmax", "zeros"))
+    _compare(_case(1, 10, 9, 3, 9, 33, 7, "sigmoid", "valid"))
 
 
 @pytest.mark.gpu
@@ -200,7 +184,7 @@ def test_kernel_too_large_for_shared_memory_falls_back(normalizer):
     opts = dict(scale=4, normalizer=normalizer, border="valid", eps=1e-6)
     got = _out_and_grads(q, k, v, g, "ffi", kernel_size=61, **opts)
     want = _out_and_grads(q, k, v, g, "xla", kernel_size=5, **opts)
-    _assert_close(got, want, TOL[np.dtype(F32)], f"K=61 {normalizer}")
+    kernel_cases.assert_close(got, want, TOL[np.dtype(F32)], f"GPU K=61 {normalizer}")
 
 
 @pytest.mark.gpu
@@ -218,7 +202,7 @@ def test_backward_is_deterministic():
 @pytest.mark.gpu
 def test_large_shape():
     # The benchmark shape of docs/design.md §3: out is 8 x 128 x 128 x 256.
-    got = _compare(8, 64, 64, 2, 32, 256, 5, "softmax", "zeros", seed=11)
+    got = _compare(_case(8, 64, 64, 2, 32, 256, 5, "softmax", "zeros"), seed=11)
     assert got[0].shape == (8, 128, 128, 256)
 
 
@@ -237,7 +221,7 @@ def test_jit_runs_the_custom_call():
     assert "sapa_backward" in grad_hlo
     got = jax.jit(ffi)(q, k, v)
     want = sapa_jax.sapa_upsample(q, k, v, impl="xla", **opts)
-    assert _rel_err(got, want) <= TOL[np.dtype(F32)]
+    assert kernel_cases.relative_error(got, want) <= TOL[np.dtype(F32)]
 
 
 @pytest.mark.gpu
@@ -260,7 +244,8 @@ def test_vmap(in_axes):
         out, vjp = jax.vjp(jax.jit(fn), q, k, v)
         return (out, *vjp(g))
 
-    _assert_close(batched("ffi"), batched("xla"), TOL[np.dtype(F32)], f"vmap {in_axes}")
+    kernel_cases.assert_close(batched("ffi"), batched("xla"), TOL[np.dtype(F32)],
+                              f"GPU vmap {in_axes}")
 
 
 @pytest.mark.gpu
@@ -310,8 +295,8 @@ def test_parity_with_torch_on_gpu(normalizer, border, scale, kernel_size):
     out = sapa_core_torch(tq, tk, tv, kernel_size, scale, normalizer, border, 1e-6)
     out.backward(torch.tensor(np.asarray(g, np.float64), device="cuda"))
     want = [t.detach().cpu().numpy() for t in (out, tq.grad, tk.grad, tv.grad)]
-    _assert_close(got, want, TOL[np.dtype(F32)], f"torch {normalizer}/{border} s={scale} "
-                  f"K={kernel_size}")
+    kernel_cases.assert_close(got, want, TOL[np.dtype(F32)],
+                              f"GPU torch {normalizer}/{border} s={scale} K={kernel_size}")
 
 
 @pytest.mark.gpu

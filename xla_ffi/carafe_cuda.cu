@@ -23,6 +23,7 @@
 
 #include "carafe_common.h"
 #include "carafe_handlers.h"
+#include "cuda/device.cuh"
 #include "sapa_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -41,18 +42,9 @@ struct CarafeParams {
   float eps;
 };
 
-// Element types: loads convert to float, stores round to nearest even. (The CUDA kernel layer
-// keeps its own copies in sapa_cuda.cu's anonymous namespace; these move to its shared header
-// once it has one.)
-__device__ __forceinline__ float load_f(float x) { return x; }
-__device__ __forceinline__ float load_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float load_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T store_f(float x);
-template <> __device__ __forceinline__ float store_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
-template <> __device__ __forceinline__ __half store_f<__half>(float x) { return __float2half(x); }
+// Element types: sapa::cuda::to_f / from_f of the kernel layer (cuda/device.cuh).
+using sapa::cuda::from_f;
+using sapa::cuda::to_f;
 
 struct PointIndex {
   int64_t b;
@@ -84,7 +76,7 @@ template <typename T>
 __device__ __forceinline__ float2 group_stats(const T* __restrict__ lrow, const CarafeParams& P) {
   float2 st;
   sapa::point_stats<float>(
-      P.normalizer, P.eps, P.T, [&](int64_t t) { return load_f(lrow[t]); },
+      P.normalizer, P.eps, P.T, [&](int64_t t) { return to_f(lrow[t]); },
       [](int64_t) { return true; }, &st.x, &st.y);
   return st;
 }
@@ -110,15 +102,15 @@ __global__ void __launch_bounds__(kThreads)
       for (int c = grp * P.Cg + lane; c < c_end; c += 32) {
         float acc = 0.f;
         for (int t = 0; t < P.T; ++t) {
-          const float w = sapa::tap_weight(P.normalizer, load_f(lrow[t]), st.x, st.y, true);
+          const float w = sapa::tap_weight(P.normalizer, to_f(lrow[t]), st.x, st.y, true);
           int y, xx;
           if (!tap_pixel(t, f.Y, f.X, P, &y, &xx)) {  // x is 0 outside the map
             acc += sapa::out_poison_term<float>(sapa::kZeros, w);
             continue;
           }
-          acc = fmaf(w, load_f(x[x_offset(f.b, y, xx, P) + c]), acc);
+          acc = fmaf(w, to_f(x[x_offset(f.b, y, xx, P) + c]), acc);
         }
-        out[pt * P.C + c] = store_f<T>(acc);
+        out[pt * P.C + c] = from_f<T>(acc);
       }
     }
   }
@@ -147,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
         const T* xrow = x + (inside ? x_offset(f.b, y, xx, P) : 0) + grp * P.Cg;
         float dw = 0.f;  // g . 0 outside the map: 0, or NaN for a non-finite g (jnp's padding)
         for (int c = 0; c < P.Cg; ++c)
-          dw = fmaf(load_f(grow[c]), inside ? load_f(xrow[c]) : 0.f, dw);
+          dw = fmaf(to_f(grow[c]), inside ? to_f(xrow[c]) : 0.f, dw);
         wrow[t] = dw;
       }
       __syncwarp();  // every tap's dw staged before the lanes read all of them
@@ -158,7 +150,7 @@ __global__ void __launch_bounds__(kThreads)
       sapa::point_logit_gradients<float>(
           P.normalizer, P.eps, st0, st1, P.T,
           [&](int64_t u, float* logit, float* w, float* dw) {
-            *logit = load_f(lrow[u]);
+            *logit = to_f(lrow[u]);
             *w = sapa::tap_weight(P.normalizer, *logit, st0, st1, true);
             *dw = wrow[u];
             return true;
@@ -173,8 +165,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < 4; ++i) {
         const int t = lane + 32 * i;
         if (t >= P.T) break;
-        dlogits[pt * P.LC + grp * P.T + t] = store_f<T>(dl_mine[i]);
-        wrow[t] = sapa::tap_weight(P.normalizer, load_f(lrow[t]), st0, st1, true);
+        dlogits[pt * P.LC + grp * P.T + t] = from_f<T>(dl_mine[i]);
+        wrow[t] = sapa::tap_weight(P.normalizer, to_f(lrow[t]), st0, st1, true);
       }
     }
   }
@@ -207,11 +199,11 @@ __global__ void __launch_bounds__(kThreads)
           const float* wp = w_in + o0 * P.LC + tap0 + t;
           const T* gp = g + o0 * P.C + c;
           for (int sx = 0; sx < P.s; ++sx, wp += P.LC, gp += P.C)
-            acc = fmaf(*wp, load_f(*gp), acc);
+            acc = fmaf(*wp, to_f(*gp), acc);
         }
       }
     }
-    dx[m * P.C + c] = store_f<T>(acc);
+    dx[m * P.C + c] = from_f<T>(acc);
   }
 }
 

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "carafe_handlers.h"
+#include "cuda/entry.h"
 #include "sapa_contract.h"
 #include "sapa_handlers.h"
 
@@ -38,7 +39,7 @@ PYBIND11_MODULE(_sapa_cuda, m) {
     probe["error"] = count_status == cudaSuccess ? "" : cudaGetErrorString(count_status);
     return probe;
   });
-  m.def("contract", [] { return sapa::contract({"float32", "bfloat16", "float16"}); },
+  m.def("contract", [] { return sapa::contract(sapa::cuda::kSupportedTypes); },
         "Attribute codes and supported dtypes of the CUDA handlers.");
   m.def(
       "set_planner",

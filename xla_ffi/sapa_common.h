@@ -168,7 +168,7 @@ SAPA_HD void point_stats(int64_t normalizer, A eps, int64_t taps, Logit logit, C
 // taps, every normaliser's logit gradient rests on the spread G_p = sum_j w_j (dw_p - dw_j):
 //   softmax        dlogit_p = w_p G_p                            (sum_j w_j = 1)
 //   h / (S + eps)  dlogit_p = h'(x_p) inv (eps inv dw_p + G_p)   (inv = 1 / (S + eps) = stat 0,
-//                  w_j = h_j inv): docs/design.md §1's cancellation-free form; for an all-zero
+//                  w_j = h_j inv): docs/design.md §2's cancellation-free form; for an all-zero
 //                  window (stat 1 set) dh_p = dw_p, as jnp's safe denominator 1 gives
 //   none           dlogit_p = dw_p
 // G_p costs O(taps) per point, without the cancellation of W dw_p - sum_j w_j dw_j, as

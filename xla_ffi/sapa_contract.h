@@ -9,6 +9,7 @@
 #include <initializer_list>
 
 #include "sapa_common.h"
+#include "sapa_validate.h"
 
 namespace sapa {
 
@@ -27,6 +28,16 @@ inline pybind11::dict contract(std::initializer_list<const char*> dtypes) {
   for (const char* name : dtypes) names.append(name);
   out["normalizers"] = normalizers;
   out["borders"] = borders;
+  out["dtypes"] = names;
+  return out;
+}
+
+// The same from a back end's list of supported types (sapa_validate.h), so that the contract,
+// the validation and its messages come from one list.
+template <size_t N> pybind11::dict contract(TypeList<N> types) {
+  pybind11::dict out = contract({});
+  pybind11::list names;
+  for (xla::ffi::DataType t : types) names.append(type_name(t));
   out["dtypes"] = names;
   return out;
 }

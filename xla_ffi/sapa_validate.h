@@ -7,6 +7,7 @@
 #ifndef SAPA_JAX_XLA_FFI_SAPA_VALIDATE_H_
 #define SAPA_JAX_XLA_FFI_SAPA_VALIDATE_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -66,6 +67,23 @@ class Validator {
   std::string error_;
 };
 
+// The element types a back end supports, in the order its contract lists them.
+template <size_t N> using TypeList = const xla::ffi::DataType (&)[N];
+
+template <size_t N> bool is_supported(TypeList<N> types, xla::ffi::DataType t) {
+  for (xla::ffi::DataType s : types)
+    if (s == t) return true;
+  return false;
+}
+
+// "float32, bfloat16 or float16", for the messages.
+template <size_t N> std::string type_names(TypeList<N> types) {
+  std::string text;
+  for (size_t i = 0; i < N; ++i)
+    text += (i == 0 ? "" : i + 1 == N ? " or " : ", ") + type_name(types[i]);
+  return text;
+}
+
 // Checks the attributes and q, k, v against the element types a back end supports
 // (`supported`, listed in `supported_names` for the message); on success fills `g` and
 // returns "".
@@ -101,6 +119,17 @@ std::string check_inputs(const xla::ffi::AnyBuffer& q, const xla::ffi::AnyBuffer
   for (size_t i = 0; i < lead; ++i) n *= qd[i];
   *g = Geometry{n, H, W, scale, kernel_size, kernel_size / 2, d, C};
   return std::string();
+}
+
+// The same for a back end's list of supported types.
+template <size_t N>
+std::string check_inputs(const xla::ffi::AnyBuffer& q, const xla::ffi::AnyBuffer& k,
+                         const xla::ffi::AnyBuffer& v, int64_t kernel_size, int64_t scale,
+                         int64_t normalizer, int64_t border, double eps, TypeList<N> types,
+                         Geometry* g) {
+  return check_inputs(
+      q, k, v, kernel_size, scale, normalizer, border, eps,
+      [&](xla::ffi::DataType t) { return is_supported(types, t); }, type_names(types).c_str(), g);
 }
 
 // The outputs of a forward call; "" when they match.

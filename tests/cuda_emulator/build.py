@@ -1,4 +1,5 @@
-"""Builds the CPU emulation of xla_ffi/sapa_cuda.cu as a Python extension (see emu_core.h)."""
+"""Builds the CPU emulation of the CUDA back end (xla_ffi/sapa_cuda.cu, xla_ffi/cuda/) as a Python
+extension (see emu_core.h)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,11 +8,13 @@ import shutil
 import subprocess
 import sysconfig
 
-from .transform import CARAFE_ENTRY_POINTS, TransformMismatch, transform  # noqa: F401
+from .transform import TransformMismatch, transform  # noqa: F401  (re-exported)
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-CUDA_SOURCE = REPO / "xla_ffi" / "sapa_cuda.cu"
+FFI_DIR = REPO / "xla_ffi"
+# The CUDA sources, relative to xla_ffi/: the handlers and every header of xla_ffi/cuda/.
+CUDA_SOURCES = ("sapa_cuda.cu", "cuda")
 MODULE = "sapa_cuda_emu"
 UBSAN_CHECKS = "alignment,bounds,signed-integer-overflow"
 UBSAN_REPORT = "runtime error:"  # how every UBSan report begins its message
@@ -44,25 +47,36 @@ def _include_dirs() -> list[str]:
 def build(out_dir: pathlib.Path):
     """Rewrites, compiles and imports the emulator module; returns the module, with the numbered
     barrier calls of the source as `module.barrier_sites` (transform.BarrierSite)."""
-    source, sites = transform(CUDA_SOURCE.read_text())
-    return _compile(out_dir, MODULE, source, sites, HERE / "emu_module.cc")
+    sources = {}
+    for entry in CUDA_SOURCES:
+        path = FFI_DIR / entry
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        sources.update({str(p.relative_to(FFI_DIR)): p.read_text() for p in files})
+    return _compile(out_dir, MODULE, sources, HERE / "emu_module.cc")
 
 
-CARAFE_SOURCE = REPO / "xla_ffi" / "carafe_cuda.cu"
+# The CARAFE kernels: their .cu and the one kernel-layer header they use (it has no barriers).
+CARAFE_SOURCES = ("carafe_cuda.cu", "cuda/device.cuh")
 CARAFE_MODULE = "carafe_cuda_emu"
 
 
 def build_carafe(out_dir: pathlib.Path):
     """`build` for the CARAFE kernels (xla_ffi/carafe_cuda.cu, carafe_emu_module.cc)."""
-    source, sites = transform(CARAFE_SOURCE.read_text(), CARAFE_ENTRY_POINTS,
-                              needs_shared=False)
-    return _compile(out_dir, CARAFE_MODULE, source, sites, HERE / "carafe_emu_module.cc")
+    sources = {name: (FFI_DIR / name).read_text() for name in CARAFE_SOURCES}
+    return _compile(out_dir, CARAFE_MODULE, sources, HERE / "carafe_emu_module.cc",
+                    needs_shared=False)
 
 
-def _compile(out_dir, module_name, source, sites, module_source):
+def _compile(out_dir, module_name, sources, module_source, needs_shared=True):
     includes = _include_dirs()
     out_dir = pathlib.Path(out_dir)
-    (out_dir / f"{module_name}.inc").write_text(source)
+    rewritten, sites = transform(sources, needs_shared=needs_shared)
+    # Mirrored under out_dir, which comes first on the include path: the rewritten .cu includes
+    # the rewritten headers ("cuda/forward.cuh", ...), and sapa_common.h & co. from xla_ffi/.
+    for name, text in rewritten.items():
+        target_file = out_dir / name
+        target_file.parent.mkdir(parents=True, exist_ok=True)
+        target_file.write_text(text)
     target = out_dir / (module_name + sysconfig.get_config_var("EXT_SUFFIX"))
     # -O1: the build is part of the test's time budget; -O2 buys little on these tiny shapes.
     # UBSan reports (on stderr, the run goes on) what x86 would let pass but a GPU would not:
@@ -79,7 +93,7 @@ def _compile(out_dir, module_name, source, sites, module_source):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         errors = [l for l in proc.stderr.splitlines() if "error" in l][:20]
-        raise BuildFailed(f"g++ failed to compile the emulated {module_name}:\n"
+        raise BuildFailed(f"g++ failed to compile the emulated {module_name} sources:\n"
                           + "\n".join(errors))
     spec = importlib.util.spec_from_file_location(module_name, target)
     module = importlib.util.module_from_spec(spec)

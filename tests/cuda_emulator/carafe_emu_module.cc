@@ -2,7 +2,7 @@
 // on the CPU against the emulator headers (see emu_core.h and emu_module.cc, its SAPA twin).
 // NumPy arrays are handed over as XLA_FFI_Buffers without copies; a call returns "" on success,
 // else the ffi::Error message.
-#include "carafe_cuda_emu.inc"  // the rewritten carafe_cuda.cu (transform.py)
+#include "carafe_cuda.cu"  // the rewritten one (transform.py), before xla_ffi/ on the path
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>

@@ -1,7 +1,10 @@
-// pybind11 module around the FFI implementation functions of xla_ffi/sapa_cuda.cu, compiled
+// pybind11 module around the entry points of the CUDA back end (xla_ffi/cuda/entry.h), compiled
 // on the CPU against the emulator headers (see emu_core.h). Numpy arrays are handed over as
 // XLA_FFI_Buffers without copies; the call returns "" on success, else the ffi::Error message.
-#include "sapa_cuda_emu.inc"  // the rewritten sapa_cuda.cu (transform.py)
+#include "sapa_cuda.cu"  // the rewritten one (transform.py), with its rewritten cuda/ headers
+
+#include "cuda/entry.h"
+#include "cuda/plan.h"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -49,7 +52,7 @@ std::string forward(py::array q, py::array k, py::array v, py::array out, py::ar
                     int64_t kernel_size, int64_t scale, int64_t normalizer, int64_t border,
                     double eps) {
   Buf bq(q), bk(k), bv(v), bo(out), bs(stats);
-  return message(SapaForwardCudaImpl(nullptr, bq.any(), bk.any(), bv.any(), bo.any(), bs.any(),
+  return message(sapa::cuda::forward(nullptr, bq.any(), bk.any(), bv.any(), bo.any(), bs.any(),
                                      kernel_size, scale, normalizer, border, eps));
 }
 
@@ -59,7 +62,7 @@ std::string backward(py::array q, py::array k, py::array v, py::array stats, py:
                      int64_t normalizer, int64_t border, double eps) {
   Buf bq(q), bk(k), bv(v), bs(stats), bg(g), bdq(dq), bdk(dk), bdv(dv), bw(w_scratch),
       bd(dlogit_scratch);
-  return message(SapaBackwardCudaImpl(nullptr, bq.any(), bk.any(), bv.any(), bs.any(), bg.any(),
+  return message(sapa::cuda::backward(nullptr, bq.any(), bk.any(), bv.any(), bs.any(), bg.any(),
                                       bdq.any(), bdk.any(), bdv.any(), bw.any(), bd.any(),
                                       kernel_size, scale, normalizer, border, eps));
 }
@@ -69,6 +72,7 @@ std::string backward(py::array q, py::array k, py::array v, py::array stats, py:
 std::tuple<bool, int, int, size_t, int64_t> plan(int kernel, int64_t n, int H, int W, int s,
                                                  int K, int d, int C, int optin, int per_sm,
                                                  int sms) {
+  using namespace sapa::cuda;
   const Params P = problem_params(n, H, W, s, K, d, C, 0, 0, 1e-6f, true);
   DeviceLimits dev;
   dev.optin = optin;
@@ -133,7 +137,7 @@ PYBIND11_MODULE(sapa_cuda_emu, m) {
   m.def("set_schedule", &emu::set_schedule, py::arg("mode"), py::arg("seed") = 0);
   // Barrier the kernels skip (numbers from transform.py), -1 for none.
   m.def("drop_barrier", [](int index) { emu::dropped_barrier = index; });
-  m.def("contract", [] { return sapa::contract({"float32", "bfloat16", "float16"}); });
+  m.def("contract", [] { return sapa::contract(sapa::cuda::kSupportedTypes); });
   // The planner settings of the CUDA module's set_planner (sapa_handlers.h).
   m.def(
       "set_planner",
