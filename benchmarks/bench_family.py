@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import median_seconds, peak_bytes  # noqa: E402
 
 import sapa_jax  # noqa: E402
-from sapa_jax import linen  # noqa: E402
+from sapa_jax import _ffi, linen  # noqa: E402
 
 PRESETS = {  # (batch, H, W, scale, C, K): low-res H x W -> (sH, sW)
     "cpu": (2, 32, 32, 2, 64, 5),
@@ -46,12 +46,29 @@ def bilinear(key, x, y, kernel_size, scale):
     return {}, fn
 
 
-def carafe(key, x, y, kernel_size, scale):
-    del y
-    model = linen.CARAFE(scale=scale, kernel_size=kernel_size,
-                         compressed_channels=CARAFE_COMPRESSED)
-    params = model.init(key, x)["params"]
-    return params, lambda params, x, y: model.apply({"params": params}, x)
+def carafe(impl):
+    def build(key, x, y, kernel_size, scale):
+        del y
+        model = linen.CARAFE(scale=scale, kernel_size=kernel_size,
+                             compressed_channels=CARAFE_COMPRESSED, impl=impl)
+        params = model.init(key, x)["params"]
+        return params, lambda params, x, y: model.apply({"params": params}, x)
+    return build
+
+
+def carafe_core(impl):
+    """The CARAFE core alone (no compressor or encoder): logits are the first K*K channels of
+    y, so the backward computes dlogits as well as dx."""
+    def build(key, x, y, kernel_size, scale):
+        del key
+        taps = kernel_size * kernel_size
+
+        def fn(params, x, y):
+            del params
+            return sapa_jax.carafe_upsample(x, y[..., :taps], kernel_size=kernel_size,
+                                            scale=scale, impl=impl)
+        return {}, fn
+    return build
 
 
 def sapa_b(impl):
@@ -65,7 +82,10 @@ def sapa_b(impl):
 
 ROWS = {
     "bilinear": bilinear,
-    "carafe": carafe,                  # jnp path (no fused CARAFE kernel yet)
+    "carafe": carafe("auto"),          # the fused CARAFE kernel where built, else jnp
+    "carafe (jnp)": carafe("xla"),
+    "carafe core": carafe_core("auto"),
+    "carafe core (jnp)": carafe_core("xla"),
     "sapa-b": sapa_b("auto"),          # the fused kernel where built, else jnp
     "sapa-b (jnp)": sapa_b("xla"),
 }
@@ -91,7 +111,8 @@ def main(argv=None) -> int:
     g = jax.random.normal(keys[2], (batch, height * scale, width * scale, channels), dtype)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({backend}), jax {jax.__version__}, "
-          f"fused SAPA kernel: {sapa_jax.ffi_available(backend)}")
+          f"fused SAPA kernel: {sapa_jax.ffi_available(backend)}, fused CARAFE kernel: "
+          f"{sapa_jax.ffi_available(backend) and _ffi.has_carafe_kernel(backend)}")
     print(f"shape: B={batch}, {height}x{width} -> {height * scale}x{width * scale}, C={channels}, "
           f"K={kernel_size}, dtype={dtype.name}, median of {args.repeats}")
 
@@ -115,11 +136,11 @@ def main(argv=None) -> int:
 
     base = rows.get("carafe")
     ratios = f"{'fwd / carafe':>14}{'f+b / carafe':>14}" if base else ""
-    print(f"\n{'upsampler':<14}{'params':>9}{'forward ms':>12}{'fwd+bwd ms':>12}"
+    print(f"\n{'upsampler':<18}{'params':>9}{'forward ms':>12}{'fwd+bwd ms':>12}"
           f"{'peak fwd+bwd MiB':>18}{ratios}")
     for name, row in rows.items():
         peak = row["peak_bytes_forward+backward"]
-        line = (f"{name:<14}{row['params']:>9}{row['forward'] * 1e3:>12.3f}"
+        line = (f"{name:<18}{row['params']:>9}{row['forward'] * 1e3:>12.3f}"
                 f"{row['forward+backward'] * 1e3:>12.3f}"
                 f"{(f'{peak / 2**20:.1f}' if peak else '-'):>18}")
         if base:

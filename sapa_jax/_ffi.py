@@ -364,3 +364,95 @@ def deform_upsample(q, k, v, offsets, *, num_points, groups, scale):
     q, k, v, offsets = (jnp.asarray(a, dtype) for a in (q, k, v, offsets))
     return _deform_differentiable(DeformOptions(int(num_points), int(groups), int(scale)))(
         q, k, v, offsets)
+# ============================================================================== CARAFE
+# The fused CARAFE core (docs/design.md section 5): "carafe_forward(x, logits) -> (out, stats)"
+# and "carafe_backward(x, logits, stats, g) -> (dx, dlogits, w_scratch)", attributes
+# kernel_size, scale, groups, normalizer (the codes above), eps. stats (n, sH, sW, 2 * groups)
+# holds the two numbers of SAPA's stats per group, in the accumulation type.
+
+CARAFE_TARGETS = ("carafe_forward", "carafe_backward")
+# platform -> the largest kernel_size its CARAFE kernel takes (xla_ffi/carafe_cuda.cu: at most
+# four taps per lane); absent: no limit beyond the shared validation's.
+CARAFE_MAX_KERNEL_SIZE = {"gpu": 11}
+
+
+def has_carafe_kernel(platform: str) -> bool:
+    """Does the module of `platform` register the CARAFE targets (is it built with them)?"""
+    module = _modules.get(platform)
+    return module is not None and all(t in module.registrations() for t in CARAFE_TARGETS)
+
+
+class CarafeOptions(NamedTuple):
+    """Static options of one CARAFE kernel call (hashable, like `Options`)."""
+    kernel_size: int
+    scale: int
+    groups: int
+    normalizer: int
+    eps: float
+
+    def attributes(self):
+        return dict(kernel_size=np.int64(self.kernel_size), scale=np.int64(self.scale),
+                    groups=np.int64(self.groups), normalizer=np.int64(self.normalizer),
+                    eps=np.float64(self.eps))
+
+
+def carafe_forward_call(x, logits, opts: CarafeOptions):
+    """One "carafe_forward" call: (out, stats)."""
+    points = logits.shape[:-1]
+    results = (_result(points + (x.shape[-1],), x.dtype, logits),
+               _result(points + (2 * opts.groups,), _acc_dtype(x.dtype), logits))
+    return jax.ffi.ffi_call("carafe_forward", results)(x, logits, **opts.attributes())
+
+
+def carafe_backward_call(x, logits, stats, g, opts: CarafeOptions):
+    """One "carafe_backward" call: (dx, dlogits); the weights scratch is dropped."""
+    scratch = _result(logits.shape, _acc_dtype(x.dtype), logits)
+    results = (_result(x.shape, x.dtype, logits), _result(logits.shape, logits.dtype, logits),
+               scratch)
+    dx, dlogits, _ = jax.ffi.ffi_call("carafe_backward", results)(x, logits, stats, g,
+                                                                   **opts.attributes())
+    return dx, dlogits
+
+
+@functools.lru_cache(maxsize=None)
+def _carafe_differentiable(opts: CarafeOptions):
+    """The fused CARAFE core for `opts` on SAPA's derivative wiring (`_autodiff`).
+
+    `_autodiff.differentiable_core` takes a core of three operands (q, k, v) with the output
+    `q.shape[:-1] + (v.shape[-1],)`. CARAFE's two fit it as q = logits and v = x, with x
+    passed once more in the k slot, where nothing reads it: the backward returns zeros for it
+    (XLA drops the add), the jnp formulation ignores it, so its tangent contributes nothing.
+    """
+    from .carafe import reference_carafe  # carafe imports this module
+
+    forward = batch_partitioned(lambda x, logits: carafe_forward_call(x, logits, opts),
+                                arg_ranks=(4, 4), out_ranks=(4, 4))
+    backward = batch_partitioned(
+        lambda x, logits, stats, g: carafe_backward_call(x, logits, stats, g, opts),
+        arg_ranks=(4, 4, 4, 4), out_ranks=(4, 4))
+    names = dict(kernel_size=opts.kernel_size, scale=opts.scale, groups=opts.groups,
+                 normalizer=attribute_name("normalizers", opts.normalizer), eps=opts.eps)
+
+    def reference(logits, unused, x):
+        del unused
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        out = reference_carafe(x.astype(compute), logits.astype(compute), **names)
+        return out.astype(x.dtype)
+
+    def backward3(logits, unused, x, stats, g):
+        dx, dlogits = backward(x, logits, stats, g)
+        return dlogits, jnp.zeros_like(unused), dx
+
+    core = _autodiff.differentiable_core(lambda logits, unused, x: forward(x, logits),
+                                         backward3, reference)
+    return jax.jit(lambda x, logits: core(logits, x, x))
+
+
+def carafe_upsample(x, logits, *, kernel_size, scale, groups, normalizer, eps):
+    """Fused CARAFE core on validated inputs (see `sapa_jax.carafe.carafe_upsample`); x and
+    logits are cast to their common dtype, which is also the dtype of the result."""
+    dtype = jnp.result_type(x, logits)
+    x, logits = jnp.asarray(x, dtype), jnp.asarray(logits, dtype)
+    opts = CarafeOptions(int(kernel_size), int(scale), int(groups),
+                         attribute_code("normalizers", normalizer), float(eps))
+    return _carafe_differentiable(opts)(x, logits)

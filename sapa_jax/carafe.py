@@ -11,17 +11,19 @@ with l = l' // s, taps p row-major (dy outer, dx inner) as in SAPA, x = 0 outsid
 no renormalisation at the border (mmcv's semantics). docs/design.md section 5.
 
 `impl` routes like `sapa_jax.sapa_upsample`: "xla" is the jnp path below, "ffi" the fused
-kernel, "auto" the kernel when there is one for the platform and dtype. No fused CARAFE kernel
-is built yet, so "auto" runs the jnp path and "ffi" raises; the kernel slots in behind
-`_kernel_available` / `_kernel_call` without changing this function's contract.
+kernel (`sapa_jax._ffi.carafe_upsample`: normalise + reassemble in one pass, a deterministic
+backward without atomics), "auto" the kernel where its module registers the CARAFE targets
+and handles the dtype, else the jnp path.
 """
 from __future__ import annotations
 
 
+import jax
 import jax.numpy as jnp
 
-from . import _checks, reference
-from .core import resolve_impl_without_kernel
+from . import _checks, _ffi, reference
+from ._checks import ArrayIn
+from .core import resolve_impl
 
 
 def check_carafe_args(x, logits, *, kernel_size, scale, groups, normalizer, eps, impl) -> dict:
@@ -52,6 +54,19 @@ def check_carafe_args(x, logits, *, kernel_size, scale, groups, normalizer, eps,
 
 # ----------------------------------------------------------------------------- back end choice
 
+def resolve_carafe_impl(impl: str, kernel_size: int, dtype, *arrays: ArrayIn) -> str:
+    """"xla" or "ffi" for this call: `core.resolve_impl` (the switch, the messages and the
+    fallback warning), with "xla" where the platform's module has no CARAFE kernel for this
+    call (an old build, or a kernel_size above the back end's limit: CUDA takes K <= 11);
+    there impl="ffi" raises a RuntimeError that says so."""
+    def kernel_built(platform: str) -> bool:
+        limit = _ffi.CARAFE_MAX_KERNEL_SIZE.get(platform)
+        return _ffi.has_carafe_kernel(platform) and (limit is None or kernel_size <= limit)
+
+    return resolve_impl(impl, dtype, *arrays, operator=f"CARAFE (kernel_size={kernel_size})",
+                        kernel_built=kernel_built)
+
+
 # ----------------------------------------------------------------------------- jnp reference
 
 def reference_carafe(x, logits, *, kernel_size: int, scale: int, groups: int,
@@ -81,8 +96,9 @@ def reference_carafe(x, logits, *, kernel_size: int, scale: int, groups: int,
 
 # ----------------------------------------------------------------------------- public core
 
-def carafe_upsample(x, logits, *, kernel_size: int = 5, scale: int = 2, groups: int = 1,
-                    normalizer: str = "softmax", eps: float = 1e-6, impl: str = "auto"):
+def carafe_upsample(x: ArrayIn, logits: ArrayIn, *, kernel_size: int = 5, scale: int = 2, groups: int = 1,
+                    normalizer: str = "softmax", eps: float = 1e-6,
+                    impl: str = "auto") -> jax.Array:
     """CARAFE core: reassemble `x` with per-group kernels normalised from `logits`.
 
     Args:
@@ -95,7 +111,7 @@ def carafe_upsample(x, logits, *, kernel_size: int = 5, scale: int = 2, groups: 
       normalizer: "softmax" (default, mmcv's), or "relu" | "sigmoid" | "softplus" for
         h / (sum h + eps), as in `sapa_jax.sapa_upsample`.
       eps: the eps of the h-normalisers (unused by softmax).
-      impl: "auto" | "xla" | "ffi" (no fused CARAFE kernel is built yet: "ffi" raises).
+      impl: "auto" | "xla" | "ffi", as in `sapa_jax.sapa_upsample`.
 
     Returns:
       `(B, s*H, s*W, C)` in the promoted dtype of x and logits (computed in at least float32).
@@ -104,11 +120,10 @@ def carafe_upsample(x, logits, *, kernel_size: int = 5, scale: int = 2, groups: 
                              normalizer=normalizer, eps=eps, impl=impl)
     impl = opts.pop("impl")
     compute, out_dtype = _checks.compute_dtype(x, logits)
-    # Raises for impl="ffi"; the fused CARAFE kernel, once built, is chosen here as in
-    # `sapa_jax.sapa_upsample`.
-    resolve_impl_without_kernel(impl, "CARAFE")
+    if resolve_carafe_impl(impl, opts["kernel_size"], out_dtype, x, logits) == "ffi":
+        return _ffi.carafe_upsample(x, logits, **opts)
     x, logits = jnp.asarray(x, compute), jnp.asarray(logits, compute)
     return reference_carafe(x, logits, **opts).astype(out_dtype)
 
 
-__all__ = ["carafe_upsample", "check_carafe_args", "reference_carafe"]
+__all__ = ["carafe_upsample", "check_carafe_args", "reference_carafe", "resolve_carafe_impl"]

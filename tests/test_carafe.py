@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 
 import sapa_jax
-from sapa_jax import _checks, carafe_modules, convert, linen
+from sapa_jax import _checks, _ffi, carafe_modules, convert, linen
 from sapa_jax import nnx as sapa_nnx
 from test_parity_torch import TOL, check, nchw, nhwc, rel_err
 from torch_reference_carafe import CARAFEPackTorch, carafe_core_torch, randomize_
@@ -284,7 +284,7 @@ def test_convert_round_trip_and_nnx_loading():
         for key in sd:
             np.testing.assert_array_equal(back[key], sd[key].numpy())
     other = sapa_nnx.CARAFE(6, scale=2, kernel_size=3, groups=2, compressed_channels=4,
-                            rngs=nnx.Rngs(3))
+                            impl="xla", rngs=nnx.Rngs(3))
     convert.carafe_load_into_nnx(other, sd)
     np.testing.assert_array_equal(np.asarray(run_nnx(other, x)), got)
     # and the numbers agree with torch itself (float32 here)
@@ -391,15 +391,21 @@ def test_bad_core_input_is_named():
 def test_impl_routing(monkeypatch):
     x = jnp.ones((1, 2, 2, 2))
     logits = jnp.zeros((1, 4, 4, 9))
-    with pytest.raises(RuntimeError, match=r"impl='ffi'.*CARAFE fused kernel is not built"
-                                           r".*use impl='auto' or 'xla'"):
+    xla = np.asarray(sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="xla"))
+    if _ffi.has_carafe_kernel("cpu"):
+        np.testing.assert_allclose(
+            np.asarray(sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="ffi")), xla,
+            rtol=1e-6, atol=1e-6)
+    # A module built without the CARAFE targets: "auto" runs jnp, "ffi" says why it cannot.
+    monkeypatch.setattr(_ffi, "has_carafe_kernel", lambda platform: False)
+    with pytest.raises(RuntimeError, match=r"impl='ffi'.*CARAFE \(kernel_size=3\) fused "
+                                           r"kernel is not built.*use impl='auto' or 'xla'"):
         sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="ffi")
     auto = sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="auto")
-    np.testing.assert_array_equal(
-        np.asarray(auto), np.asarray(sapa_jax.carafe_upsample(x, logits, kernel_size=3,
-                                                              impl="xla")))
+    np.testing.assert_array_equal(np.asarray(auto), xla)
     monkeypatch.setenv("SAPA_JAX_IMPL", "ffi")
-    with pytest.raises(RuntimeError, match=r"CARAFE fused kernel is not built"):
+    with pytest.raises(RuntimeError, match=r"CARAFE \(kernel_size=3\) fused kernel is not "
+                                           r"built"):
         sapa_jax.carafe_upsample(x, logits, kernel_size=3)
     monkeypatch.setenv("SAPA_JAX_IMPL", "xla")
     sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="ffi")  # the switch wins

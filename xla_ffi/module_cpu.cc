@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu/levels.h"
+#include "carafe_handlers.h"
 #include "deform_handlers.h"
 #include "sapa_contract.h"
 #include "sapa_handlers.h"
@@ -22,6 +23,8 @@ PYBIND11_MODULE(_sapa_cpu, m) {
     targets["sapa_backward"] = Capsule(SapaBackwardCpu);
     targets["sapa_deform_forward"] = Capsule(SapaDeformForwardCpu);
     targets["sapa_deform_backward"] = Capsule(SapaDeformBackwardCpu);
+    targets["carafe_forward"] = Capsule(CarafeForwardCpu);
+    targets["carafe_backward"] = Capsule(CarafeBackwardCpu);
     return targets;
   });
   m.def("contract", [] { return sapa::contract({"float32", "float64", "bfloat16", "float16"}); },

@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 
+#include "carafe_handlers.h"
 #include "cuda/entry.h"
 #include "sapa_contract.h"
 #include "sapa_handlers.h"
@@ -19,6 +20,8 @@ PYBIND11_MODULE(_sapa_cuda, m) {
     py::dict targets;
     targets["sapa_forward"] = Capsule(SapaForwardCuda);
     targets["sapa_backward"] = Capsule(SapaBackwardCuda);
+    targets["carafe_forward"] = Capsule(CarafeForwardCuda);
+    targets["carafe_backward"] = Capsule(CarafeBackwardCuda);
     return targets;
   });
   // Can this module's kernels run here? Versions are CUDA's encoding (1000 * major + 10 * minor);

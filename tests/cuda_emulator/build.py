@@ -47,21 +47,37 @@ def _include_dirs() -> list[str]:
 def build(out_dir: pathlib.Path):
     """Rewrites, compiles and imports the emulator module; returns the module, with the numbered
     barrier calls of the source as `module.barrier_sites` (transform.BarrierSite)."""
-    includes = _include_dirs()
-    out_dir = pathlib.Path(out_dir)
     sources = {}
     for entry in CUDA_SOURCES:
         path = FFI_DIR / entry
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         sources.update({str(p.relative_to(FFI_DIR)): p.read_text() for p in files})
-    rewritten, sites = transform(sources)
+    return _compile(out_dir, MODULE, sources, HERE / "emu_module.cc")
+
+
+# The CARAFE kernels: their .cu and the one kernel-layer header they use (it has no barriers).
+CARAFE_SOURCES = ("carafe_cuda.cu", "cuda/device.cuh")
+CARAFE_MODULE = "carafe_cuda_emu"
+
+
+def build_carafe(out_dir: pathlib.Path):
+    """`build` for the CARAFE kernels (xla_ffi/carafe_cuda.cu, carafe_emu_module.cc)."""
+    sources = {name: (FFI_DIR / name).read_text() for name in CARAFE_SOURCES}
+    return _compile(out_dir, CARAFE_MODULE, sources, HERE / "carafe_emu_module.cc",
+                    needs_shared=False)
+
+
+def _compile(out_dir, module_name, sources, module_source, needs_shared=True):
+    includes = _include_dirs()
+    out_dir = pathlib.Path(out_dir)
+    rewritten, sites = transform(sources, needs_shared=needs_shared)
     # Mirrored under out_dir, which comes first on the include path: the rewritten .cu includes
     # the rewritten headers ("cuda/forward.cuh", ...), and sapa_common.h & co. from xla_ffi/.
     for name, text in rewritten.items():
         target_file = out_dir / name
         target_file.parent.mkdir(parents=True, exist_ok=True)
         target_file.write_text(text)
-    target = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
+    target = out_dir / (module_name + sysconfig.get_config_var("EXT_SUFFIX"))
     # -O1: the build is part of the test's time budget; -O2 buys little on these tiny shapes.
     # UBSan reports (on stderr, the run goes on) what x86 would let pass but a GPU would not:
     # misaligned vector loads and stores, and out-of-range indices into fixed-size arrays; plus
@@ -73,12 +89,13 @@ def build(out_dir: pathlib.Path):
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
            "-Wno-unknown-pragmas", f"-fsanitize={UBSAN_CHECKS}", f"-I{out_dir}",
            *(f"-I{d}" for d in local), *(f"-isystem{d}" for d in system),
-           str(HERE / "emu_module.cc"), "-o", str(target)]
+           str(module_source), "-o", str(target)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         errors = [l for l in proc.stderr.splitlines() if "error" in l][:20]
-        raise BuildFailed("g++ failed to compile the emulated CUDA sources:\n" + "\n".join(errors))
-    spec = importlib.util.spec_from_file_location(MODULE, target)
+        raise BuildFailed(f"g++ failed to compile the emulated {module_name} sources:\n"
+                          + "\n".join(errors))
+    spec = importlib.util.spec_from_file_location(module_name, target)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.barrier_sites = sites

@@ -78,9 +78,11 @@ def transform_file(name: str, src: str, first_barrier: int):
     return src, sites, n_shared, n_launch
 
 
-def transform(sources: dict[str, str]) -> tuple[dict[str, str], list[BarrierSite]]:
+def transform(sources: dict[str, str],
+              needs_shared: bool = True) -> tuple[dict[str, str], list[BarrierSite]]:
     """The emulator's C++ sources ({relative path: text}, same paths as given) and the barrier
-    calls they number."""
+    calls they number. `needs_shared`: must the sources declare dynamic shared memory (the SAPA
+    tiled kernels do; the CARAFE kernels have none)."""
     out: dict[str, str] = {}
     sites: list[BarrierSite] = []
     n_shared = n_launch = 0
@@ -92,7 +94,7 @@ def transform(sources: dict[str, str]) -> tuple[dict[str, str], list[BarrierSite
         n_launch += launches
     if not sites:
         raise TransformMismatch("no __syncthreads() or __syncwarp() call found in the kernels")
-    if n_shared == 0:
+    if n_shared == 0 and needs_shared:
         raise TransformMismatch(
             f"pattern DYNAMIC_SHARED ({DYNAMIC_SHARED.pattern!r}) matched nothing: the tiled "
             "kernels no longer declare `extern __shared__ T name[];`")
