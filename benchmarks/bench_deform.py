@@ -1,9 +1,11 @@
-"""Speed and memory of the SAPA-D core (jnp path) beside the SAPA core at the same shapes.
+"""Speed and memory of the SAPA-D core beside the SAPA-B and CARAFE cores at the same shapes.
 
-Same method as bench_core.py (its timing and XLA memory accounting are reused): jit-compiled
-forward and forward+backward, median of repeated runs, peak = arguments + outputs + temporaries
-of each compiled program. SAPA-D reads P points x 4 corners per group where SAPA reads K*K
-window taps, so P = 9 sits between K = 3 (9 taps) and K = 5 (25 taps) in work.
+Each core runs on its fused kernel ("ffi", where one is built for the platform) and on its jnp
+path ("xla"). Same method as bench_core.py (its timing and XLA memory accounting are reused):
+jit-compiled forward and forward+backward, median of repeated runs, peak = arguments + outputs
++ temporaries of each compiled program (a custom call's internal buffers are not counted).
+SAPA-D reads P points x 4 corners per group where SAPA reads K*K window taps, so P = 9 sits
+between K = 3 (9 taps) and K = 5 (25 taps) in work; CARAFE (G = 1) reads K*K taps of x only.
 
     python benchmarks/bench_deform.py                  # CPU preset, f32
     python benchmarks/bench_deform.py --preset gpu
@@ -57,14 +59,28 @@ def main(argv=None) -> int:
           f"SAPA-D G={groups} E={dim} P={points}; SAPA d={groups * dim} K={ksize}; "
           f"dtype={dtype.name}, median of {args.repeats}")
 
-    deform = lambda q, k, v, o: sapa_jax.deform_upsample(q, k, v, o, num_points=points,
-                                                         groups=groups, scale=s, impl="xla")
-    sapa = lambda q, k, v: sapa_jax.sapa_upsample(q, k, v, kernel_size=ksize, scale=s,
-                                                  impl="xla")
-    cases = {"SAPA-D (jnp)": (deform, (q, k, v, offsets)),
-             f"SAPA K={ksize} (jnp)": (sapa, (q, k, v))}
+    carafe_logits = jax.random.normal(keys[5], (*high, ksize * ksize), dtype)
+    cases = {}
+    for impl, label in (("ffi", "fused"), ("xla", "jnp")):
+        cases[f"SAPA-D ({label})"] = (
+            lambda q, k, v, o, impl=impl: sapa_jax.deform_upsample(
+                q, k, v, o, num_points=points, groups=groups, scale=s, impl=impl),
+            (q, k, v, offsets))
+        cases[f"SAPA-B K={ksize} ({label})"] = (
+            lambda q, k, v, impl=impl: sapa_jax.sapa_upsample(q, k, v, kernel_size=ksize,
+                                                              scale=s, impl=impl),
+            (q, k, v))
+        cases[f"CARAFE K={ksize} ({label})"] = (
+            lambda x, w, impl=impl: sapa_jax.carafe_upsample(x, w, kernel_size=ksize, scale=s,
+                                                             impl=impl),
+            (v, carafe_logits))
     rows = {}
     for name, (fn, inputs) in cases.items():
+        try:
+            jax.block_until_ready(fn(*inputs))
+        except RuntimeError as err:  # no fused kernel for this core on this platform
+            print(f"{name}: skipped ({str(err).split(';')[0]})")
+            continue
         forward, forward_backward = programs(fn)
         rows[name] = {
             "forward": median_seconds(forward, inputs, args.repeats),
@@ -72,11 +88,11 @@ def main(argv=None) -> int:
             "peak_bytes_forward": peak_bytes(forward, inputs),
             "peak_bytes_forward+backward": peak_bytes(forward_backward, (*inputs, g)),
         }
-    print(f"\n{'core':<18}{'forward ms':>12}{'fwd+bwd ms':>12}{'peak fwd MiB':>14}"
+    print(f"\n{'core':<24}{'forward ms':>12}{'fwd+bwd ms':>12}{'peak fwd MiB':>14}"
           f"{'peak fwd+bwd MiB':>18}")
     mib = lambda b: f"{b / 2**20:.1f}" if b else "-"
     for name, row in rows.items():
-        print(f"{name:<18}{row['forward'] * 1e3:>12.3f}{row['forward+backward'] * 1e3:>12.3f}"
+        print(f"{name:<24}{row['forward'] * 1e3:>12.3f}{row['forward+backward'] * 1e3:>12.3f}"
               f"{mib(row['peak_bytes_forward']):>14}{mib(row['peak_bytes_forward+backward']):>18}")
     if args.json:
         args.json.write_text(json.dumps({"preset": preset, "dtype": dtype.name, "rows": rows},

@@ -294,3 +294,73 @@ def sapa_upsample(q, k, v, *, kernel_size, scale, normalizer, border, eps):
     opts = Options(int(kernel_size), int(scale), attribute_code("normalizers", normalizer),
                    attribute_code("borders", border), float(eps))
     return _sapa(q, k, v, opts)
+
+
+# ============================================================================= SAPA-D
+# The fused SAPA-D kernels (docs/design.md section 6): "sapa_deform_forward" and
+# "sapa_deform_backward", registered by the same modules as SAPA's.
+
+DEFORM_TARGETS = ("sapa_deform_forward", "sapa_deform_backward")
+
+
+def deform_built(platform: str) -> bool:
+    """Did the kernel module of `platform` register the SAPA-D targets?"""
+    module = _modules.get(platform)
+    return module is not None and all(t in module.registrations() for t in DEFORM_TARGETS)
+
+
+class DeformOptions(NamedTuple):
+    """Static options of one SAPA-D kernel call."""
+    num_points: int
+    groups: int
+    scale: int
+
+    def attributes(self):
+        return {name: np.int64(value) for name, value in self._asdict().items()}
+
+
+def deform_forward_call(q, k, v, offsets, opts: DeformOptions):
+    """One "sapa_deform_forward" call: (out,)."""
+    result = _result(q.shape[:-1] + (v.shape[-1],), q.dtype, q)
+    return (jax.ffi.ffi_call("sapa_deform_forward", result)(q, k, v, offsets,
+                                                            **opts.attributes()),)
+
+
+def deform_backward_call(q, k, v, offsets, g, opts: DeformOptions):
+    """One "sapa_deform_backward" call: (dq, dk, dv, doffsets)."""
+    results = tuple(_result(a.shape, a.dtype, q) for a in (q, k, v, offsets))
+    return tuple(jax.ffi.ffi_call("sapa_deform_backward", results)(q, k, v, offsets, g,
+                                                                   **opts.attributes()))
+
+
+@functools.lru_cache(maxsize=None)
+def _deform_differentiable(opts: DeformOptions):
+    """The fused SAPA-D core for `opts`: reverse mode on the two kernels (a custom_vjp that
+    saves only the inputs); batch-partitioned and vmappable like SAPA's calls."""
+    forward = batch_partitioned(lambda q, k, v, o: deform_forward_call(q, k, v, o, opts),
+                                arg_ranks=(4, 4, 4, 4), out_ranks=(4,))
+    backward = batch_partitioned(
+        lambda q, k, v, o, g: deform_backward_call(q, k, v, o, g, opts),
+        arg_ranks=(4, 4, 4, 4, 4), out_ranks=(4, 4, 4, 4))
+
+    @jax.custom_vjp
+    def upsample(q, k, v, offsets):
+        return forward(q, k, v, offsets)[0]
+
+    def upsample_fwd(q, k, v, offsets):
+        return upsample(q, k, v, offsets), (q, k, v, offsets)
+
+    def upsample_bwd(residuals, g):
+        return tuple(backward(*residuals, g.astype(residuals[0].dtype)))
+
+    upsample.defvjp(upsample_fwd, upsample_bwd)
+    return jax.jit(upsample)
+
+
+def deform_upsample(q, k, v, offsets, *, num_points, groups, scale):
+    """Fused SAPA-D core on validated inputs (see `sapa_jax.deform.deform_upsample`); the four
+    arrays are cast to their common dtype, which is also the dtype of the result."""
+    dtype = jnp.result_type(q, k, v, offsets)
+    q, k, v, offsets = (jnp.asarray(a, dtype) for a in (q, k, v, offsets))
+    return _deform_differentiable(DeformOptions(int(num_points), int(groups), int(scale)))(
+        q, k, v, offsets)

@@ -86,13 +86,25 @@ def resolve_impl_without_kernel(impl: str, operator: str) -> str:
     return "xla"
 
 
-def resolve_impl(impl: str, dtype: jnp.dtype, *arrays: ArrayIn) -> str:
-    """"xla" or "ffi" for this call (see the module docstring)."""
+def resolve_impl(impl: str, dtype: jnp.dtype, *arrays: ArrayIn, operator: str = "SAPA",
+                 kernel_built=None) -> str:
+    """"xla" or "ffi" for this call (see the module docstring).
+
+    `kernel_built(platform) -> bool`, for an operator whose kernels exist on some platforms
+    only: where it answers False, "auto" runs jnp (silently: there is no kernel to miss) and
+    "ffi" raises a RuntimeError naming `operator`.
+    """
     impl = _forced_impl(impl)
     if impl == "xla":
         return "xla"
     platform = _current_platform(*arrays)
     status = _ffi.status(platform)
+    if status.usable and kernel_built is not None and not kernel_built(platform):
+        if impl == "ffi":
+            raise RuntimeError(
+                f"impl='ffi' was asked for, but the {operator} fused kernel is not built for "
+                f"platform {platform!r}; use impl='auto' or 'xla'")
+        return "xla"
     supported = _ffi.supports_dtype(platform, dtype)
     if impl == "ffi":
         if not status.usable:

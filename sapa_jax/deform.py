@@ -13,9 +13,10 @@ integers), bilinearly; its weights are the softmax over the P points of q[l'] . 
     out[l', c]  = sum_p attn[g(c), p] * sample(v[.., c], py, px),   g(c) = c // (C / G)
 
 `impl="xla"` runs the jnp formulation below; `impl="auto"` picks the fused kernel when one is
-built for the platform and dtype, else jnp; `impl="ffi"` demands the kernel. The fused SAPA-D
-kernel is not built yet (design in docs/design.md section 6), so "auto" runs jnp and "ffi"
-raises. `_fused_kernel` is the one place the kernel will plug in.
+built for the platform and dtype, else jnp; `impl="ffi"` demands the kernel. The fused kernel
+exists for the CPU (f32, f64, bf16, f16; docs/design.md section 6); on a GPU "auto" runs jnp
+until the CUDA kernel is built. The kernel path is reverse-mode differentiable (`grad`, `vjp`);
+forward mode (`jvp`) needs `impl="xla"`.
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import _checks, reference
-from .core import resolve_impl_without_kernel
+from . import _checks, _ffi, core, reference
 
 __all__ = ["deform_upsample", "check_deform_args"]
 
@@ -82,11 +82,17 @@ def deform_upsample(q, k, v, offsets, *, num_points: int = 9, groups: int = 4, s
                              scale=scale, impl=impl)
     impl = opts.pop("impl")
     compute, out_dtype = _checks.compute_dtype(q, k, v, offsets)
-    # Raises for impl="ffi"; the fused SAPA-D kernel (design: docs/design.md section 6), once
-    # built, is chosen here as in `sapa_jax.sapa_upsample`.
-    resolve_impl_without_kernel(impl, "SAPA-D")
+    if resolve_impl(impl, out_dtype, q, k, v, offsets) == "ffi":
+        return _ffi.deform_upsample(q, k, v, offsets, **opts)
     q, k, v, offsets = (jnp.asarray(a, compute) for a in (q, k, v, offsets))
     return _deform_reference_jit(q, k, v, offsets, **opts).astype(out_dtype)
+
+
+def resolve_impl(impl: str, dtype, *arrays) -> str:
+    """"xla" or "ffi" for one SAPA-D call: `core.resolve_impl`, with "xla" on a platform whose
+    kernel module has no SAPA-D kernel (there impl="ffi" raises a RuntimeError)."""
+    return core.resolve_impl(impl, dtype, *arrays, operator="SAPA-D",
+                             kernel_built=_ffi.deform_built)
 
 
 # ----------------------------------------------------------------------------- jnp path

@@ -219,13 +219,17 @@ def test_core_bad_input(monkeypatch):
         f(q, k, v, off.astype(jnp.int32), num_points=2, groups=2)
     with pytest.raises(ValueError, match=r"impl must be one of"):
         f(q, k, v, off, num_points=2, groups=2, impl="cuda")
-    with pytest.raises(RuntimeError, match=r"impl='ffi'.*SAPA-D fused kernel is not built"):
+    # a platform whose kernel module has no SAPA-D kernel: "ffi" raises, "auto" runs jnp
+    monkeypatch.setattr(sapa_jax._ffi, "deform_built", lambda platform: False)
+    with pytest.raises(RuntimeError, match=r"impl='ffi'.*SAPA-D fused kernel is not built for"):
         f(q, k, v, off, num_points=2, groups=2, impl="ffi")
     monkeypatch.setenv("SAPA_JAX_IMPL", "ffi")     # forcing the kernel everywhere: same error
-    with pytest.raises(RuntimeError, match=r"SAPA-D fused kernel is not built"):
+    with pytest.raises(RuntimeError, match=r"SAPA-D fused kernel is not built for"):
         f(q, k, v, off, num_points=2, groups=2)
     monkeypatch.setenv("SAPA_JAX_IMPL", "xla")
     assert f(q, k, v, off, num_points=2, groups=2, impl="ffi").shape == (1, 4, 4, 4)
+    monkeypatch.delenv("SAPA_JAX_IMPL")
+    assert f(q, k, v, off, num_points=2, groups=2).shape == (1, 4, 4, 4)
 
 
 # ------------------------------------------------------------------------------ modules

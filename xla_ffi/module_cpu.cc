@@ -1,6 +1,7 @@
 // pybind11 module handing the CPU handlers to Python as capsules (see sapa_jax/_ffi.py).
 #include <pybind11/pybind11.h>
 
+#include "deform_handlers.h"
 #include "sapa_contract.h"
 #include "sapa_handlers.h"
 
@@ -16,6 +17,8 @@ PYBIND11_MODULE(_sapa_cpu, m) {
     py::dict targets;
     targets["sapa_forward"] = Capsule(SapaForwardCpu);
     targets["sapa_backward"] = Capsule(SapaBackwardCpu);
+    targets["sapa_deform_forward"] = Capsule(SapaDeformForwardCpu);
+    targets["sapa_deform_backward"] = Capsule(SapaDeformBackwardCpu);
     return targets;
   });
   m.def("contract", [] { return sapa::contract({"float32", "float64", "bfloat16", "float16"}); },
