@@ -79,12 +79,13 @@ def test_bilinear_kernel_map_reassembles_bilinear():
         np.testing.assert_allclose(out, ups.bilinear2x(x), atol=1e-5)
 
 
-def test_fig2_draws_the_kernel_maps_of_bilinear_carafe_and_sapa(tmp_path):
+def test_fig2_draws_the_kernel_maps_of_carafe_beside_bilinear(tmp_path):
     """Fig. 2 with CARAFE: its kernels, rebuilt from the module's logits, are normalised,
-    content-dependent and reproduce the module's output; the check reaches the run records."""
+    content-dependent and reproduce the module's output; the check reaches the run records.
+    (SAPA's columns and checks are covered by the tiny CLI run below.)"""
     images, labels = data.validation_set(0, 2, 16)
     trained = {}
-    for name in ("bilinear", "carafe", "sapa-b"):
+    for name in ("bilinear", "carafe"):
         net = model.Segmenter("fpn", name, data.NUM_CLASSES)
         params = net.init(training.init_key(0), jnp.asarray(images))["params"]
         if name == "carafe":
@@ -104,8 +105,7 @@ def test_fig2_draws_the_kernel_maps_of_bilinear_carafe_and_sapa(tmp_path):
     _png_is_nontrivial(tmp_path / "feature_kernel_maps_seed0.png")
     by = {r["label"]: r for r in runs}
     assert "kernel_check_max_abs_err" not in by["bilinear"]
-    for name in ("carafe", "sapa-b"):
-        assert by[name]["kernel_check_max_abs_err"] < 1e-4, name
+    assert by["carafe"]["kernel_check_max_abs_err"] < 1e-4
 
 
 def test_parse_decoder():
