@@ -9,9 +9,10 @@ low-res window, over the whole map. For SAPA the weights are recomputed from the
 inputs with `sapa_jax.modules.project` (the module's own body up to q, k, v),
 `sapa_jax.similarity` and `sapa_jax.normalize`; as a check they are assembled with
 `sapa_jax.assemble` and compared with the module's output (the largest absolute difference is
-returned and printed). For bilinear they are its fixed weights (`bilinear_weights`), the same
-assembly reproducing `bilinear2x`. CARAFE's kernels are not drawn (its module does not expose
-them); its feature map is.
+returned and printed). For CARAFE they are the module's own encoder logits
+(`sapa_jax.carafe_modules.encoder_logits`) normalised with `sapa_jax.normalize`, checked the
+same way. For bilinear they are its fixed weights (`bilinear_weights`), the same assembly
+reproducing `bilinear2x`.
 """
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ from matplotlib.patches import Rectangle
 
 import sapa_jax
 from examples.common.upsamplers import SAPA_VARIANTS, bilinear2x
+from sapa_jax import carafe_modules
 from sapa_jax import modules as sapa_modules
-from sapa_jax.linen import SAPA
+from sapa_jax.linen import CARAFE, SAPA
 
 from . import data, metrics
 
 SHOWN_IMAGES = 4  # validation images in the prediction figure
 LABEL_CMAP = ListedColormap(["#2b2b2b", "#e6553a", "#4cbb4a", "#3d7fe0", "#f2c94c"])
 SCALE = 2  # every decoder stage doubles the resolution
+FIG2_UPSAMPLERS = ("bilinear", "carafe", *SAPA_VARIANTS)  # the columns of Fig. 2 with kernels
 
 
 def _labels(ax, labels):
@@ -127,6 +130,17 @@ def stage_maps(net, params, image):
                                border=config.border, low_res_shape=k.shape[1:3], scale=SCALE)
         out = sapa_jax.assemble(w, v, kernel_size=config.kernel_size, scale=SCALE)
         got.update(w=w[0], y=y[0], check=jnp.max(jnp.abs(out[0] - got["out"])))
+    elif net.upsampler == "carafe":
+        # CARAFE predicts its kernels from x alone: the module's logits, normalised per output
+        # point over the K*K taps (one group), with no border renormalisation (mmcv's).
+        carafe = params[net.figure_stage]["carafe"]
+        config = CARAFE(scale=SCALE, kernel_size=net.kernel_size,
+                        compressed_channels=carafe["channel_compressor"]["kernel"].shape[-1]
+                        ).config()
+        logits, x = carafe_modules.encoder_logits(carafe, stage["x"][0], config)
+        w = sapa_jax.normalize(logits, normalizer=config.normalizer, eps=config.eps)
+        out = sapa_jax.assemble(w, x, kernel_size=config.kernel_size, scale=SCALE)
+        got.update(w=w[0], check=jnp.max(jnp.abs(out[0] - got["out"])))
     return got
 
 
@@ -161,14 +175,18 @@ def _stage_labels(label, size):
     return label[step // 2::step, step // 2::step]
 
 
-def fig2(trained: dict, val, path: Path) -> Path:
+def fig2(trained: dict, val, path: Path) -> tuple[Path, dict]:
     """The paper's Fig. 2 in miniature, one validation image, one column per upsampler
     (bilinear, CARAFE, SAPA...): top, the upsampled feature (its most varying channel);
     bottom, the weight of the window's centre tap over the whole map (ground-truth boundaries
-    in white). Content-agnostic bilinear gives a fixed pattern; SAPA's map follows the edges."""
+    in white). Content-agnostic bilinear gives a fixed pattern; CARAFE's kernels come from the
+    decoder feature alone, SAPA's from the encoder feature as well.
+
+    Returns the path and, per CARAFE / SAPA column, the check error of its rebuilt kernels."""
     images, labels = val
     idx = _pick_image(labels)
-    names = [n for n in trained if n == "bilinear" or n == "carafe" or n in SAPA_VARIANTS]
+    names = [n for n in trained if n in FIG2_UPSAMPLERS]
+    checks = {}
     fig = Figure(figsize=(2.2 * (len(names) + 1), 4.6), layout="constrained")
     axes = fig.subplots(2, len(names) + 1, squeeze=False)
     axes[0, 0].imshow(images[idx], interpolation="nearest")
@@ -186,24 +204,20 @@ def fig2(trained: dict, val, path: Path) -> Path:
         centre = net.kernel_size ** 2 // 2
         if "w" in got:
             weights = got["w"][..., centre]
-        elif name == "bilinear":
+            checks[name] = float(got["check"])
+        else:
             weights = bilinear_weights(size, net.kernel_size)[..., centre]
-        else:
-            weights = None
         ax = axes[1, col]
-        if weights is None:
-            ax.text(0.5, 0.5, "kernel map\nnot exposed", ha="center", va="center", fontsize=8)
-        else:
-            shown = ax.imshow(weights, cmap="magma", vmin=0, interpolation="nearest")
-            fig.colorbar(shown, ax=ax, fraction=0.046)
-            _draw_boundaries(ax, _stage_labels(labels[idx], size))
-            ax.set_title(f"{name}: centre-tap weight", fontsize=8)
+        shown = ax.imshow(weights, cmap="magma", vmin=0, interpolation="nearest")
+        fig.colorbar(shown, ax=ax, fraction=0.046)
+        _draw_boundaries(ax, _stage_labels(labels[idx], size))
+        ax.set_title(f"{name}: centre-tap weight", fontsize=8)
     _clean(axes)
     fig.suptitle(f"last upsampling stage ({size}x{size}): upsampled features and kernel maps",
                  fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    return path
+    return path, checks
 
 
 def kernel_figure(net, params, val, path: Path, n_points: int = 4, n_channels: int = 3) -> float:
@@ -273,20 +287,23 @@ def all_figures(trained: dict, val, fig_dir: Path, seed: int, band_width: int,
                 runs: list) -> list[Path]:
     """Every figure of a finished experiment; trained[label] = (net, params, predictions).
 
-    Records each SAPA network's kernel check in its run record (`kernel_check_max_abs_err`).
+    Records the kernel check of each SAPA and CARAFE network (the largest of its figures')
+    in its run record (`kernel_check_max_abs_err`).
     """
     paths = []
     preds = {label: pred[:SHOWN_IMAGES] for label, (_, _, pred) in trained.items()}
     paths.append(prediction_figure(val, preds, fig_dir / f"predictions_seed{seed}.png",
                                    band_width))
-    if any(n == "bilinear" or n in SAPA_VARIANTS for n in trained):
-        paths.append(fig2(trained, val, fig_dir / f"feature_kernel_maps_seed{seed}.png"))
+    checks = {}
+    if any(n in FIG2_UPSAMPLERS for n in trained):
+        path, checks = fig2(trained, val, fig_dir / f"feature_kernel_maps_seed{seed}.png")
+        paths.append(path)
     for label, (net, params, _) in trained.items():
         if label in SAPA_VARIANTS:
             path = fig_dir / f"kernels_{label}_seed{seed}.png"
-            check = kernel_figure(net, params, val, path)
+            checks[label] = max(checks.get(label, 0.0), kernel_figure(net, params, val, path))
             paths.append(path)
-            for r in runs:
-                if r["label"] == label and r["seed"] == seed:
-                    r["kernel_check_max_abs_err"] = check
+    for r in runs:
+        if r["label"] in checks and r["seed"] == seed:
+            r["kernel_check_max_abs_err"] = checks[r["label"]]
     return paths
