@@ -61,6 +61,12 @@ for _platform in _MODULES:
     _register(_platform)
 
 
+def targets_built(platform: str, targets) -> bool:
+    """Did the kernel module of `platform` register every one of `targets`?"""
+    module = _modules.get(platform)
+    return module is not None and all(t in module.registrations() for t in targets)
+
+
 def registered_targets() -> list[str]:
     """Names of the FFI targets that the loaded kernel modules registered with XLA."""
     return sorted({name for module in _modules.values() for name in module.registrations()})
@@ -305,8 +311,7 @@ DEFORM_TARGETS = ("sapa_deform_forward", "sapa_deform_backward")
 
 def deform_built(platform: str) -> bool:
     """Did the kernel module of `platform` register the SAPA-D targets?"""
-    module = _modules.get(platform)
-    return module is not None and all(t in module.registrations() for t in DEFORM_TARGETS)
+    return targets_built(platform, DEFORM_TARGETS)
 
 
 class DeformOptions(NamedTuple):
@@ -376,10 +381,9 @@ CARAFE_TARGETS = ("carafe_forward", "carafe_backward")
 CARAFE_MAX_KERNEL_SIZE = {"gpu": 11}
 
 
-def has_carafe_kernel(platform: str) -> bool:
-    """Does the module of `platform` register the CARAFE targets (is it built with them)?"""
-    module = _modules.get(platform)
-    return module is not None and all(t in module.registrations() for t in CARAFE_TARGETS)
+def carafe_built(platform: str) -> bool:
+    """Did the kernel module of `platform` register the CARAFE targets?"""
+    return targets_built(platform, CARAFE_TARGETS)
 
 
 class CarafeOptions(NamedTuple):

@@ -61,7 +61,7 @@ def resolve_carafe_impl(impl: str, kernel_size: int, dtype, *arrays: ArrayIn) ->
     there impl="ffi" raises a RuntimeError that says so."""
     def kernel_built(platform: str) -> bool:
         limit = _ffi.CARAFE_MAX_KERNEL_SIZE.get(platform)
-        return _ffi.has_carafe_kernel(platform) and (limit is None or kernel_size <= limit)
+        return _ffi.carafe_built(platform) and (limit is None or kernel_size <= limit)
 
     return resolve_impl(impl, dtype, *arrays, operator=f"CARAFE (kernel_size={kernel_size})",
                         kernel_built=kernel_built)

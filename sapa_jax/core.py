@@ -76,16 +76,6 @@ def _forced_impl(impl: str) -> str:
     return _checks.check_choice("SAPA_JAX_IMPL", forced, _checks.IMPLS) if forced else impl
 
 
-def resolve_impl_without_kernel(impl: str, operator: str) -> str:
-    """`resolve_impl` for an operator that has no fused kernel yet (CARAFE, SAPA-D): always
-    "xla", and a RuntimeError where the kernel is demanded (impl="ffi" or SAPA_JAX_IMPL=ffi)."""
-    if _forced_impl(impl) == "ffi":
-        raise RuntimeError(
-            f"impl='ffi' was asked for, but the {operator} fused kernel is not built yet "
-            f"(sapa-jax has only its jnp path so far); use impl='auto' or 'xla'")
-    return "xla"
-
-
 def resolve_impl(impl: str, dtype: jnp.dtype, *arrays: ArrayIn, operator: str = "SAPA",
                  kernel_built=None) -> str:
     """"xla" or "ffi" for this call (see the module docstring).
@@ -109,7 +99,7 @@ def resolve_impl(impl: str, dtype: jnp.dtype, *arrays: ArrayIn, operator: str = 
     if impl == "ffi":
         if not status.usable:
             raise RuntimeError(
-                f"impl='ffi' was asked for, but the SAPA FFI kernel cannot run on platform "
+                f"impl='ffi' was asked for, but the {operator} FFI kernel cannot run on platform "
                 f"{platform!r} ({status.reason}); use impl='auto' or 'xla'")
         if not supported:
             raise ValueError(

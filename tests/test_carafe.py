@@ -392,12 +392,12 @@ def test_impl_routing(monkeypatch):
     x = jnp.ones((1, 2, 2, 2))
     logits = jnp.zeros((1, 4, 4, 9))
     xla = np.asarray(sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="xla"))
-    if _ffi.has_carafe_kernel("cpu"):
+    if _ffi.carafe_built("cpu"):
         np.testing.assert_allclose(
             np.asarray(sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="ffi")), xla,
             rtol=1e-6, atol=1e-6)
     # A module built without the CARAFE targets: "auto" runs jnp, "ffi" says why it cannot.
-    monkeypatch.setattr(_ffi, "has_carafe_kernel", lambda platform: False)
+    monkeypatch.setattr(_ffi, "carafe_built", lambda platform: False)
     with pytest.raises(RuntimeError, match=r"impl='ffi'.*CARAFE \(kernel_size=3\) fused "
                                            r"kernel is not built.*use impl='auto' or 'xla'"):
         sapa_jax.carafe_upsample(x, logits, kernel_size=3, impl="ffi")

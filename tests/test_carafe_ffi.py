@@ -18,7 +18,7 @@ from sapa_jax import _ffi
 
 import kernel_cases
 
-pytestmark = pytest.mark.skipif(not _ffi.has_carafe_kernel("cpu"),
+pytestmark = pytest.mark.skipif(not _ffi.carafe_built("cpu"),
                                 reason="the CARAFE CPU FFI kernel is not built")
 
 # (normalizer, kernel_size, scale, groups, batch, height, width, channels)

@@ -42,7 +42,7 @@ def _inputs(case, dtype, seed=0):
                                         (jnp.float16, 2e-3)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_matches_jnp_on_gpu(case, dtype, tol):
-    assert _ffi.has_carafe_kernel("gpu")
+    assert _ffi.carafe_built("gpu")
     args, opts = _inputs(case, dtype)
     got = _value_and_vjp("ffi", *args, opts)
     want = _value_and_vjp("xla", *(a.astype(jnp.float32) for a in args), opts)
