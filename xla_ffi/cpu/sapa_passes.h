@@ -71,27 +71,40 @@ struct Kernel {
       for (int64_t j = 0; j < width; ++j) zero[j] += rowT[c * width + j] * A(0);
   }
 
-  // prod[t * width + j] = rowT[:, j] . (tap t of column j in the band); zero[j] (see
-  // zero_products) on window rows outside the map (band row nullptr), as the band's zero
-  // padding gives on the others. Taps go in pairs sharing the loads of rowT.
+  // prod[si][t * width + j] = rowT[si][:, j] . (tap t of column j in the band) for `rows` output
+  // rows si of one centre row; zero[si][j] (see zero_products) on window rows outside the map
+  // (band row nullptr), as the band's zero padding gives on the others. The rows go in pairs
+  // and the taps in groups of kTapGroup, sharing the loads of the band and of rowT
+  // (column_dots_rows); each product sums over the channels in order, whatever the grouping.
+  SAPA_INLINE void tap_products_rows(int64_t rows, const A* const* rowT, const A* const* band,
+                                     int64_t ch, A* const* prod, A* const* zero) const {
+    for (int64_t si = 0; si < rows; ++si) zero_products(rowT[si], ch, zero[si]);
+    for (int64_t r0 = 0; r0 < rows; r0 += 2) {
+      const int pair = rows - r0 >= 2 ? 2 : 1;
+      for (int64_t dy = 0; dy < g.K; ++dy)
+        for (int64_t dx = 0; dx < g.K; dx += kTapGroup) {
+          const int group = int(std::min<int64_t>(kTapGroup, g.K - dx));
+          const A* rhs[kTapGroup];
+          A* out[2 * kTapGroup];
+          for (int si = 0; si < pair; ++si)
+            for (int m = 0; m < group; ++m) {
+              out[si * group + m] = prod[r0 + si] + (dy * g.K + dx + m) * width;
+              if (!band[dy]) std::copy(zero[r0 + si], zero[r0 + si] + width, out[si * group + m]);
+            }
+          if (!band[dy]) continue;
+          for (int m = 0; m < group; ++m) rhs[m] = band[dy] + (dx + m) * g.s;
+          if (pair == 2)
+            column_dots_rows_any<2>(group, rowT + r0, width, rhs, band_w, ch, width, out);
+          else
+            column_dots_rows_any<1>(group, rowT + r0, width, rhs, band_w, ch, width, out);
+        }
+    }
+  }
+
+  // tap_products_rows of one row.
   SAPA_INLINE void tap_products(const A* rowT, const A* const* band, int64_t ch, A* prod,
                                 A* zero) const {
-    zero_products(rowT, ch, zero);
-    for (int64_t dy = 0; dy < g.K; ++dy)
-      for (int64_t dx = 0; dx < g.K; dx += 2) {
-        const bool pair = dx + 1 < g.K;
-        A* first = prod + (dy * g.K + dx) * width;
-        A* out[2] = {first, pair ? first + width : nullptr};
-        if (!band[dy]) {
-          for (int m = 0; m < (pair ? 2 : 1); ++m) std::copy(zero, zero + width, out[m]);
-          continue;
-        }
-        const A* rhs[2] = {band[dy] + dx * g.s, pair ? band[dy] + (dx + 1) * g.s : nullptr};
-        if (pair)
-          column_dots<2>(rowT, width, rhs, band_w, ch, width, out);
-        else
-          column_dots<1>(rowT, width, rhs, band_w, ch, width, out);
-      }
+    tap_products_rows(1, &rowT, band, ch, &prod, &zero);
   }
 
   // Window rows li-r..li+r of a low-res tensor, as band rows (nullptr outside the map).
@@ -270,28 +283,48 @@ struct Kernel {
                         : A(0);
   }
 
-  // Per-thread buffers of the forward and the first backward pass.
+  // Per-thread buffers of the forward and the first backward pass. qT, gT, logit, dw, qzero and
+  // gzero hold the s output rows of a work item (row si at si times the row's size).
   struct Work {
     Band<T, A> kband, vband;
     std::vector<A> qT, gT, logit, w, dw, dl, spread, st0, st1, qzero, gzero, poison, coef;
     std::vector<A> wT, dlT;  // w and dl point-major: the taps of lane j at [j * taps]
     std::vector<uint8_t> inside;
     std::vector<const A*> rows, kwin, vwin;
+    std::vector<A*> qrows, grows;  // row si of qT and gT
+    std::vector<A*> logits, dws, qzeros, gzeros;
     std::vector<T*> outs;
     std::vector<int64_t> tap_of;
     std::unique_ptr<bool[]> centre_inside;
     RowBand<T, A> k, v;
     Work(const Kernel& kn, bool backward)
         : kband(kn.g, kn.g.d, kn.band_w), vband(kn.g, backward ? kn.g.C : 0, kn.band_w),
-          qT(zeros<A>(kn.g.d * kn.width)), gT(zeros<A>(backward ? kn.g.C * kn.width : 0)),
-          logit(zeros<A>(kn.taps() * kn.width)), w(logit),
-          dw(zeros<A>(backward ? kn.taps() * kn.width : 0)), dl(dw),
-          spread(zeros<A>(backward ? 4 * kn.width : 0)), st0(zeros<A>(kn.width)), st1(st0), qzero(st0), gzero(st0), poison(st0),
-          coef(zeros<A>(kn.g.s * kn.taps())), wT(zeros<A>(kn.taps() * kn.width)), dlT(dw),
-          inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())), kwin(size_t(kn.g.K)),
-          vwin(size_t(kn.g.K)), outs(size_t(kn.g.s)), tap_of(size_t(kn.taps())),
-          centre_inside(new bool[kn.taps()]), k(kn.g.W, kn.g.d, backward ? kn.g.K : 0),
-          v(kn.g.W, kn.g.C, backward ? 0 : kn.g.K) {}  // point-major rows: dq needs k, out v
+          qT(zeros<A>(kn.g.s * kn.g.d * kn.width)),
+          gT(zeros<A>(backward ? kn.g.s * kn.g.C * kn.width : 0)),
+          logit(zeros<A>(kn.g.s * kn.taps() * kn.width)), w(zeros<A>(kn.taps() * kn.width)),
+          dw(zeros<A>(backward ? kn.g.s * kn.taps() * kn.width : 0)),
+          dl(zeros<A>(backward ? kn.taps() * kn.width : 0)),
+          spread(zeros<A>(backward ? 4 * kn.width : 0)), st0(zeros<A>(kn.width)), st1(st0),
+          qzero(zeros<A>(kn.g.s * kn.width)), gzero(zeros<A>(backward ? kn.g.s * kn.width : 0)),
+          poison(st0), coef(zeros<A>(kn.g.s * kn.taps())), wT(zeros<A>(kn.taps() * kn.width)),
+          dlT(dl), inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())),
+          kwin(size_t(kn.g.K)), vwin(size_t(kn.g.K)), qrows(size_t(kn.g.s)), grows(qrows),
+          logits(size_t(kn.g.s)), dws(logits), qzeros(logits), gzeros(logits),
+          outs(size_t(kn.g.s)), tap_of(size_t(kn.taps())), centre_inside(new bool[kn.taps()]),
+          k(kn.g.W, kn.g.d, backward ? kn.g.K : 0),
+          v(kn.g.W, kn.g.C, backward ? 0 : kn.g.K) {  // point-major rows: dq needs k, out v
+      const int64_t row = kn.taps() * kn.width;
+      for (int64_t si = 0; si < kn.g.s; ++si) {
+        qrows[si] = qT.data() + si * kn.g.d * kn.width;
+        logits[si] = logit.data() + si * row;
+        qzeros[si] = qzero.data() + si * kn.width;
+        if (backward) {
+          grows[si] = gT.data() + si * kn.g.C * kn.width;
+          dws[si] = dw.data() + si * row;
+          gzeros[si] = gzero.data() + si * kn.width;
+        }
+      }
+    }
   };
 
   // coefT (point-major, see Work::wT) with poison[j] added to the centre tap of every lane.
@@ -323,11 +356,14 @@ struct Kernel {
     window(wk.kband, k, b, li, wk.kwin.data());
     wk.v.load(v + g.v_at(b, 0, 0), std::max<int64_t>(li - g.r, 0), std::min(li + g.r + 1, g.H));
     inside_mask(li, wk.inside.data());
+    for (int64_t si = 0; si < g.s; ++si)
+      transpose_row(q + g.q_at(b, li * g.s + si, 0), g.d, wk.qrows[si]);
+    tap_products_rows(g.s, wk.qrows.data(), wk.kwin.data(), g.d, wk.logits.data(),
+                      wk.qzeros.data());
     for (int64_t i = li * g.s; i < (li + 1) * g.s; ++i) {
-      transpose_row(q + g.q_at(b, i, 0), g.d, wk.qT.data());
-      tap_products(wk.qT.data(), wk.kwin.data(), g.d, wk.logit.data(), wk.qzero.data());
-      mask_uncounted(wk.logit.data(), wk.inside.data());
-      normalise_row(wk.logit.data(), wk.w.data(), wk.st0.data(), wk.st1.data());
+      A* logit = wk.logits[i - li * g.s];
+      mask_uncounted(logit, wk.inside.data());
+      normalise_row(logit, wk.w.data(), wk.st0.data(), wk.st1.data());
       out_poison(li, wk.w.data(), wk.inside.data(), wk.poison.data());
       for (int64_t j = 0; j < g.oW(); ++j) {
         stat[g.stat_at(b, i, j)] = wk.st0[j];
@@ -383,14 +419,20 @@ struct Kernel {
     window(wk.vband, v, b, li, wk.vwin.data());
     wk.k.load(k + g.k_at(b, 0, 0), std::max<int64_t>(li - g.r, 0), std::min(li + g.r + 1, g.H));
     inside_mask(li, wk.inside.data());
-    A *logit = wk.logit.data(), *w = wk.w.data(), *dw = wk.dw.data(), *dl = wk.dl.data();
+    A *w = wk.w.data(), *dl = wk.dl.data();
     A *st0 = wk.st0.data(), *st1 = wk.st1.data();
     const uint8_t* inside = wk.inside.data();
+    for (int64_t si = 0; si < g.s; ++si) {
+      transpose_row(q + g.q_at(b, li * g.s + si, 0), g.d, wk.qrows[si]);
+      transpose_row(gout + g.out_at(b, li * g.s + si, 0), g.C, wk.grows[si]);
+    }
+    tap_products_rows(g.s, wk.qrows.data(), wk.kwin.data(), g.d, wk.logits.data(),
+                      wk.qzeros.data());
+    tap_products_rows(g.s, wk.grows.data(), wk.vwin.data(), g.C, wk.dws.data(),
+                      wk.gzeros.data());  // dw_t = g . v[l+t]
     for (int64_t i = li * g.s; i < (li + 1) * g.s; ++i) {
-      transpose_row(q + g.q_at(b, i, 0), g.d, wk.qT.data());
-      transpose_row(gout + g.out_at(b, i, 0), g.C, wk.gT.data());
-      tap_products(wk.qT.data(), wk.kwin.data(), g.d, logit, wk.qzero.data());
-      tap_products(wk.gT.data(), wk.vwin.data(), g.C, dw, wk.gzero.data());  // dw_t = g . v[l+t]
+      A *logit = wk.logits[i - li * g.s], *dw = wk.dws[i - li * g.s];
+      const A* qzero = wk.qzeros[i - li * g.s];
       mask_uncounted(logit, inside);
       for (int64_t j = 0; j < g.oW(); ++j) {
         st0[j] = stat[g.stat_at(b, i, j)];
@@ -398,7 +440,7 @@ struct Kernel {
       }
       weights_row(logit, st0, st1, w);
       logit_gradients(logit, w, dw, st0, st1, inside, wk.spread.data(), dl);
-      dq_poison(li, dl, wk.qzero.data(), inside, wk.poison.data());
+      dq_poison(li, dl, qzero, inside, wk.poison.data());
       transpose(w, width, n, g.oW(), wk.wT.data(), n);
       transpose(dl, width, n, g.oW(), wk.dlT.data(), n);
       scatter_taps(wk.wT.data(), b, li, i - li * g.s, w_out);
