@@ -313,3 +313,20 @@ def test_nonfinite_inputs_propagate_as_in_jnp(normalizer, border):
         assert not all(np.isfinite(x).all() for x in b), f"{case}: no effect on the results"
         kernel_cases.assert_same_nan(
             a, b, f"{normalizer}/{border}, {case[0]}{list(case[1])} = {case[2]}")
+
+
+@pytest.mark.parametrize("operator", ["sapa", "carafe"])
+def test_cpu_kernels_refuse_absurd_thread_buffers(operator):
+    """A kernel size whose per-thread row buffers would pass 1 GiB is refused with one message
+    (cpu/handler.h) by every CPU kernel that sizes its buffers by K, not died allocating."""
+    if not _ffi.carafe_built("cpu"):
+        pytest.skip("CPU kernels not built")
+    x = jnp.ones((1, 1, 1, 1), jnp.float32)
+    if operator == "sapa":
+        call = lambda: sapa_jax.sapa_upsample(x, x, x, kernel_size=301, scale=1, impl="ffi")
+    else:
+        logits = jnp.ones((1, 1, 1, 301 * 301), jnp.float32)
+        call = lambda: sapa_jax.carafe_upsample(x, logits, kernel_size=301, scale=1, impl="ffi")
+    with pytest.raises(Exception, match=r"kernel_size 301 with an output width of 1 needs \d+ "
+                                        r"MiB of buffers per thread in the CPU kernel"):
+        jax.block_until_ready(call())

@@ -2,13 +2,12 @@
 // dispatch and the handler symbols. The passes are in cpu/carafe_passes.h, on the CPU kernel
 // layer's primitives (cpu/{types,simd,rows,parallel}.h).
 #include <cstdint>
-#include <exception>
-#include <new>
 #include <string>
 
 #include "carafe_common.h"
 #include "carafe_handlers.h"
 #include "cpu/carafe_passes.h"
+#include "cpu/handler.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
 #include "cpu/types.h"
@@ -21,48 +20,19 @@ namespace {
 using namespace sapa::cpu;  // NOLINT: the kernel's own primitives
 using sapa::CarafeGeometry;
 
-constexpr double kMaxThreadBytes = double(1 << 30);  // per-thread row buffers (see Work)
-
-bool supported(ffi::DataType t) {
-  return t == ffi::DataType::F32 || t == ffi::DataType::F64 || t == ffi::DataType::BF16 ||
-         t == ffi::DataType::F16;
-}
-constexpr const char* kSupportedNames = "float32, float64, bfloat16 or float16";
 
 std::string check_inputs(const ffi::AnyBuffer& x, const ffi::AnyBuffer& logits,
                          int64_t kernel_size, int64_t scale, int64_t groups, int64_t normalizer,
                          double eps, CarafeGeometry* g) {
   std::string error = sapa::check_carafe_inputs(x, logits, kernel_size, scale, groups,
-                                                normalizer, eps, supported, kSupportedNames, g);
+                                                normalizer, eps, supported_dtype,
+                                                kSupportedNames, g);
   if (!error.empty()) return error;
   // A worker holds a few (G*K*K, output width) rows and K band rows of x (C channels).
   const double lanes = double(g->oW() + kLanes + 2 * g->r * g->s);
   const double bytes = 8.0 * lanes * (6.0 * double(g->logit_channels()) +
                                       double(g->K) * double(g->C) + double(g->C));
-  if (bytes > kMaxThreadBytes)
-    return "kernel_size " + std::to_string(kernel_size) + " with an output width of " +
-           std::to_string(g->oW()) + " needs " + std::to_string(int64_t(bytes / (1 << 20))) +
-           " MiB of buffers per thread in the CPU kernel (limit " +
-           std::to_string(int64_t(kMaxThreadBytes) >> 20) + " MiB)";
-  return std::string();
-}
-
-template <typename Fn>
-ffi::Error dispatch(ffi::DataType dtype, Fn&& fn) {
-  try {
-    switch (dtype) {
-      case ffi::DataType::F32: fn(float(), float()); break;
-      case ffi::DataType::F64: fn(double(), double()); break;
-      case ffi::DataType::BF16: fn(BF16(), float()); break;
-      case ffi::DataType::F16: fn(F16(), float()); break;
-      default: return ffi::Error::InvalidArgument("unsupported element type");
-    }
-  } catch (const std::bad_alloc&) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "CARAFE CPU kernel: out of memory");
-  } catch (const std::exception& err) {
-    return ffi::Error::Internal(std::string("CARAFE CPU kernel: ") + err.what());
-  }
-  return ffi::Error::Success();
+  return thread_bytes_error(kernel_size, g->oW(), bytes);
 }
 
 ffi::Error CarafeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer logits,
@@ -73,7 +43,7 @@ ffi::Error CarafeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   std::string error = check_inputs(x, logits, kernel_size, scale, groups, normalizer, eps, &g);
   if (error.empty()) error = sapa::check_carafe_forward_outputs(x, g, *out, *stats);
   if (!error.empty()) return ffi::Error::InvalidArgument("carafe_forward: " + error);
-  return dispatch(x.element_type(), [&](auto t, auto a) {
+  return dispatch_dtype("CARAFE", x.element_type(), [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
     CarafeKernel<T, A>(g, normalizer, eps)
@@ -93,7 +63,7 @@ ffi::Error CarafeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   if (error.empty())
     error = sapa::check_carafe_backward_buffers(x, g, stats, gout, *dx, *dlogits, *w);
   if (!error.empty()) return ffi::Error::InvalidArgument("carafe_backward: " + error);
-  return dispatch(x.element_type(), [&](auto t, auto a) {
+  return dispatch_dtype("CARAFE", x.element_type(), [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
     CarafeKernel<T, A>(g, normalizer, eps)

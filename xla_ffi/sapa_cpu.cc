@@ -4,12 +4,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <exception>
-#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "cpu/handler.h"
 #include "cpu/levels.h"
 #include "cpu/parallel.h"
 #include "sapa_common.h"
@@ -62,44 +61,19 @@ std::atomic<int> current_level{best_level()};
 // ----------------------------------------------------------------------------------------------
 // Validation: sapa_validate.h, plus the one limit of this back end's own.
 
-constexpr double kMaxThreadBytes = double(1 << 30);  // per-thread row buffers (see Kernel::Work)
-
-bool supported(ffi::DataType t) {
-  return t == ffi::DataType::F32 || t == ffi::DataType::F64 || t == ffi::DataType::BF16 ||
-         t == ffi::DataType::F16;
-}
-constexpr const char* kSupportedNames = "float32, float64, bfloat16 or float16";
 
 std::string check_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                          const ffi::AnyBuffer& v, int64_t kernel_size, int64_t scale,
                          int64_t normalizer, int64_t border, double eps, Geometry* g) {
   std::string error = sapa::check_inputs(q, k, v, kernel_size, scale, normalizer, border, eps,
-                                         supported, kSupportedNames, g);
+                                         sapa::cpu::supported_dtype, sapa::cpu::kSupportedNames, g);
   if (!error.empty()) return error;
   // A worker holds a few (K*K, output width) rows and K band rows of k and v; refuse sizes
   // whose buffers would be absurd rather than die allocating them.
   const double lanes = double(g->oW() + 32 + 2 * g->r * g->s);
   const double bytes =
       8.0 * lanes * (6.0 * double(g->taps()) + double(g->K) * double(g->d + g->C));
-  if (bytes > kMaxThreadBytes)
-    return "kernel_size " + std::to_string(kernel_size) + " with an output width of " +
-           std::to_string(g->oW()) + " needs " + std::to_string(int64_t(bytes / (1 << 20))) +
-           " MiB of buffers per thread in the CPU kernel (limit " +
-           std::to_string(int64_t(kMaxThreadBytes) >> 20) + " MiB)";
-  return std::string();
-}
-
-// Runs fn() and turns what it throws into an ffi::Error.
-template <typename Fn>
-ffi::Error guarded(Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::bad_alloc&) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "SAPA CPU kernel: out of memory");
-  } catch (const std::exception& err) {
-    return ffi::Error::Internal(std::string("SAPA CPU kernel: ") + err.what());
-  }
-  return ffi::Error::Success();
+  return sapa::cpu::thread_bytes_error(kernel_size, g->oW(), bytes);
 }
 
 ffi::Error SapaForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -113,7 +87,7 @@ ffi::Error SapaForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   if (!error.empty()) return ffi::Error::InvalidArgument("sapa_forward: " + error);
   const PassCall call{g, normalizer, border, eps, q.element_type(), &pool};
   const Level& level = kLevels[current_level.load()];
-  return guarded([&] {
+  return sapa::cpu::guarded("SAPA", [&] {
     level.forward(call, q.untyped_data(), k.untyped_data(), v.untyped_data(),
                   out->untyped_data(), stats->untyped_data());
   });
@@ -133,7 +107,7 @@ ffi::Error SapaBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuff
   if (!error.empty()) return ffi::Error::InvalidArgument("sapa_backward: " + error);
   const PassCall call{g, normalizer, border, eps, q.element_type(), &pool};
   const Level& level = kLevels[current_level.load()];
-  return guarded([&] {
+  return sapa::cpu::guarded("SAPA", [&] {
     level.backward(call, q.untyped_data(), k.untyped_data(), v.untyped_data(),
                    stats.untyped_data(), gout.untyped_data(), dq->untyped_data(),
                    dk->untyped_data(), dv->untyped_data(), w->untyped_data(),
