@@ -8,8 +8,10 @@
 // The CPU handlers also take XLA's intra-op thread pool from the FFI context, the CUDA ones
 // XLA's stream. q, k, v, out, g, dq, dk, dv share one element type
 // (F32, BF16, F16; F64 on CPU); stats and the two scratch buffers are in the accumulation type
-// (F64 for F64 inputs, else F32). Scratch buffers are (n, sH, sW, K*K): the per-point weights and
-// logit gradients written by the first backward pass and gathered by the second. Any number of
+// (F64 for F64 inputs, else F32). Scratch buffers hold n*sH*sW*K*K elements: the per-point
+// weights and logit gradients written by the first backward pass and gathered by the second, in
+// each back end's own order (CUDA (n, sH, sW, K*K); CPU (n, H, W, K*K, s, s), gather order;
+// Python drops them). Any number of
 // leading dims is flattened into the batch (that is what vmap's broadcast_all produces).
 #ifndef SAPA_JAX_XLA_FFI_SAPA_HANDLERS_H_
 #define SAPA_JAX_XLA_FFI_SAPA_HANDLERS_H_
