@@ -47,3 +47,19 @@ def random_qkv(seed, batch, height, width, scale, dim, channels, dtype=np.float3
     k = rng.standard_normal((batch, height, width, dim)) * magnitude
     v = rng.standard_normal((batch, height, width, channels))
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+@pytest.fixture(scope="session")
+def emu_module(tmp_path_factory):
+    """The CUDA emulator (tests/cuda_emulator), built once per session for every test file that
+    runs the SAPA CUDA kernels on it (test_cuda_emulated.py, test_cuda_v2_emulated.py)."""
+    from cuda_emulator import build as emu_build  # tests/ is on sys.path (rootdir conftest)
+    try:
+        return emu_build.build(tmp_path_factory.mktemp("cuda_emulator"))
+    except emu_build.ToolMissing as e:
+        pytest.skip(f"cannot build the CUDA emulator: {e}")
+    except emu_build.BuildFailed as e:
+        pytest.fail(str(e), pytrace=False)
+    except emu_build.TransformMismatch as e:
+        pytest.fail(f"the CUDA sources no longer match tests/cuda_emulator/transform.py: {e}",
+                    pytrace=False)

@@ -70,19 +70,6 @@ RESULT_NAMES = ("out", "stats", "dq", "dk", "dv", "w_scratch", "dlogit_scratch")
 GUARD = 1024
 
 
-@pytest.fixture(scope="session")
-def emu_module(tmp_path_factory):
-    try:
-        return emu_build.build(tmp_path_factory.mktemp("cuda_emulator"))
-    except emu_build.ToolMissing as e:
-        pytest.skip(f"cannot build the CUDA emulator: {e}")
-    except emu_build.BuildFailed as e:
-        pytest.fail(str(e), pytrace=False)
-    except emu_build.TransformMismatch as e:
-        pytest.fail(f"the CUDA sources no longer match tests/cuda_emulator/transform.py: {e}",
-                    pytrace=False)
-
-
 @pytest.fixture
 def emu(emu_module, capfd):
     """The emulator with its default schedule and every barrier in place; the test fails on any

@@ -27,7 +27,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import kernel_cases  # noqa: E402
 import test_cuda_emulated as base  # noqa: E402
-from test_cuda_emulated import emu, emu_module, env  # noqa: E402,F401  (fixtures)
+from test_cuda_emulated import emu, env  # noqa: E402,F401  (fixtures; emu_module: conftest)
 
 BF16 = base.BF16
 F32, F16 = np.float32, np.float16
