@@ -26,11 +26,12 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import kernel_cases  # noqa: E402
+from kernel_cases import Case  # noqa: E402
 import test_cuda_emulated as base  # noqa: E402
 from test_cuda_emulated import emu, env  # noqa: E402,F401  (fixtures; emu_module: conftest)
 
 BF16 = base.BF16
-F32, F16 = np.float32, np.float16
+F16 = np.float16
 
 
 @pytest.fixture
@@ -48,30 +49,32 @@ def launches(emu, generation, q, k, v, g, K, s, normalizer, border, eps):
     return results, emu.take_launches()
 
 
-# lead, H, W, s, d, C, K, normalizer, border, eps, dtype, knobs
+# (the problem, the planner settings)
 CASES = {
-    "K3-s2-softmax-zeros-f32": ((1,), 5, 6, 2, 8, 16, 3, "softmax", "zeros", 1e-6, F32, {}),
-    "K5-s2-softmax-valid-d36-C70": ((1,), 7, 5, 2, 36, 70, 5, "softmax", "valid", 1e-6, F32, {}),
-    "K7-s1-relu-zeros-edge-tiles": ((2,), 9, 10, 1, 12, 9, 7, "relu", "zeros", 1e-6, F32, {}),
-    "K3-s4-sigmoid-valid-cap3": ((1,), 5, 4, 4, 4, 13, 3, "sigmoid", "valid", 1e-6, F32,
+    "K3-s2-softmax-zeros-f32": (Case((1,), 5, 6, 2, 8, 16, 3, "softmax", "zeros"), {}),
+    "K5-s2-softmax-valid-d36-C70": (Case((1,), 7, 5, 2, 36, 70, 5, "softmax", "valid"), {}),
+    "K7-s1-relu-zeros-edge-tiles": (Case((2,), 9, 10, 1, 12, 9, 7, "relu", "zeros"), {}),
+    "K3-s4-sigmoid-valid-cap3": (Case((1,), 5, 4, 4, 4, 13, 3, "sigmoid", "valid"),
                                  {"tile_cap": 3}),
-    "K5-s1-softplus-zeros-cap1": ((1,), 4, 5, 1, 8, 33, 5, "softplus", "zeros", 1e-6, F32,
+    "K5-s1-softplus-zeros-cap1": (Case((1,), 4, 5, 1, 8, 33, 5, "softplus", "zeros"),
                                   {"tile_cap": 1}),
-    "K7-s2-none-valid-map-smaller": ((1,), 3, 4, 2, 8, 6, 7, "none", "valid", 1e-6, F32, {}),
-    "K5-s2-softmax-zeros-bf16": ((1,), 4, 5, 2, 32, 40, 5, "softmax", "zeros", 1e-6, BF16, {}),
-    "K3-s4-relu-valid-eps0-f16": ((1,), 3, 3, 4, 8, 6, 3, "relu", "valid", 0.0, F16, {}),
+    "K7-s2-none-valid-map-smaller": (Case((1,), 3, 4, 2, 8, 6, 7, "none", "valid"), {}),
+    "K5-s2-softmax-zeros-bf16": (Case((1,), 4, 5, 2, 32, 40, 5, "softmax", "zeros", BF16), {}),
+    "K3-s4-relu-valid-eps0-f16": (Case((1,), 3, 3, 4, 8, 6, 3, "relu", "valid", F16, 0.0), {}),
     # d % 4 != 0: the forward stays generic (q rows are not vector-aligned), pass 2 is v2
-    "K3-s2-sigmoid-zeros-d5": ((1,), 4, 6, 2, 5, 11, 3, "sigmoid", "zeros", 1e-6, F32, {}),
+    "K3-s2-sigmoid-zeros-d5": (Case((1,), 4, 6, 2, 5, 11, 3, "sigmoid", "zeros"), {}),
 }
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_v2_matches_reference_and_generation_1(emu, gen, x64, case):
-    lead, H, W, s, d, C, K, normalizer, border, eps, dtype, knobs = case
-    if dtype is None:
+    case, knobs = case
+    if case.dtype is None:
         pytest.skip("ml_dtypes not available")
     base.set_knobs(gen, knobs)
-    q, k, v, g = base.random_inputs(0, lead, H, W, s, d, C, dtype)
+    q, k, v, g = case.random_inputs(0)
+    d, K, s, normalizer, border, eps, dtype = (case.d, case.K, case.s, case.normalizer,
+                                               case.border, case.eps, case.dtype)
     got1, launched1 = launches(emu, 1, q, k, v, g, K, s, normalizer, border, eps)
     got2, launched2 = launches(emu, 2, q, k, v, g, K, s, normalizer, border, eps)
     # forward, pass 1, pass 2; v2 forward and pass 2 plan other shared memory than generation 1
@@ -115,7 +118,7 @@ def test_generation_switch_checks_its_argument(emu_module):
 def test_unspecialised_shapes_keep_the_generic_kernels(emu, gen):
     # K = 9 and s = 3 have no v2 specialisation: generation 2 launches what generation 1 does.
     for K, s in ((9, 2), (3, 3)):
-        q, k, v, g = base.random_inputs(1, (1,), 3, 4, s, 8, 8, F32)
+        q, k, v, g = Case((1,), 3, 4, s, 8, 8, K, "softmax", "zeros").random_inputs(1)
         _, launched1 = launches(emu, 1, q, k, v, g, K, s, "softmax", "zeros", 1e-6)
         _, launched2 = launches(emu, 2, q, k, v, g, K, s, "softmax", "zeros", 1e-6)
         assert launched1 == launched2, (K, s, launched1, launched2)
@@ -124,9 +127,10 @@ def test_unspecialised_shapes_keep_the_generic_kernels(emu, gen):
 # Probes that reach every v2 barrier: two key chunks and two value chunks over several tiles,
 # one chunk on a full tile, and no channels at all.
 PROBES = {
-    "v2-cap2-2-key-chunks": ((2,), 5, 6, 2, 40, 70, 3, "softmax", "zeros", {"tile_cap": 2}),
-    "v2-full-tile-1-key-chunk": ((1,), 9, 9, 2, 12, 20, 5, "relu", "valid", {}),
-    "v2-no-channels": ((1,), 3, 4, 2, 0, 0, 3, "softplus", "zeros", {}),
+    "v2-cap2-2-key-chunks": (Case((2,), 5, 6, 2, 40, 70, 3, "softmax", "zeros"),
+                             {"tile_cap": 2}),
+    "v2-full-tile-1-key-chunk": (Case((1,), 9, 9, 2, 12, 20, 5, "relu", "valid"), {}),
+    "v2-no-channels": (Case((1,), 3, 4, 2, 0, 0, 3, "softplus", "zeros"), {}),
 }
 
 
