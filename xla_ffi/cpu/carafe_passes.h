@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "carafe_common.h"
+#include "cpu/normalise.h"
 #include "cpu/parallel.h"
 #include "cpu/rows.h"
 #include "cpu/simd.h"
@@ -53,60 +54,6 @@ struct CarafeKernel {
   // The sapa::Geometry of the bands of x: d unused, C the channels of x.
   sapa::Geometry band_geometry() const {
     return sapa::Geometry{g.n, g.H, g.W, g.s, g.K, g.r, g.C, g.C};
-  }
-
-  // Normalisation of one group of one output row, lane-wise: logit and w are (taps, width)
-  // tap-major, st0/st1 the stats (sapa_common.h layout; finish_stats and the same operations
-  // as SAPA's CPU kernel, so the backward's recomputed weights are the forward's bit for bit).
-  SAPA_INLINE void normalise_group(const A* logit, A* w, A* st0, A* st1) const {
-    const int64_t n = taps();
-    if (normalizer == sapa::kNone) {
-      std::copy(logit, logit + n * width, w);
-      std::fill(st0, st0 + width, A(0));
-      std::fill(st1, st1 + width, A(0));
-      return;
-    }
-    A* sum = st1;  // the sums first, then stat 1
-    std::fill(sum, sum + width, A(0));
-    if (normalizer == sapa::kSoftmax) {
-      A* top = st0;
-      std::fill(top, top + width, -std::numeric_limits<A>::infinity());
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < width; ++j) top[j] = sapa::nan_max(top[j], logit[t * width + j]);
-      for (int64_t t = 0; t < n; ++t) {
-        exp_shifted(logit + t * width, top, w + t * width, width);
-        for (int64_t j = 0; j < width; ++j) sum[j] += w[t * width + j];
-      }
-    } else {
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < width; ++j) {
-          w[t * width + j] = sapa::h_value(normalizer, logit[t * width + j]);
-          sum[j] += w[t * width + j];
-        }
-    }
-    for (int64_t j = 0; j < width; ++j)
-      sapa::finish_stats(normalizer, A(eps), st0[j], sum[j], &st0[j], &st1[j]);
-    const A* scale = normalizer == sapa::kSoftmax ? st1 : st0;
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = 0; j < width; ++j) w[t * width + j] *= scale[j];
-  }
-
-  // The weights of one group recomputed from saved stats (the forward's operations).
-  SAPA_INLINE void group_weights(const A* logit, const A* st0, const A* st1, A* w) const {
-    if (normalizer == sapa::kNone) {
-      std::copy(logit, logit + taps() * width, w);
-      return;
-    }
-    for (int64_t t = 0; t < taps(); ++t) {
-      A* wt = w + t * width;
-      if (normalizer == sapa::kSoftmax) {
-        exp_shifted(logit + t * width, st0, wt, width);
-        for (int64_t j = 0; j < width; ++j) wt[j] *= st1[j];
-      } else {
-        for (int64_t j = 0; j < width; ++j)
-          wt[j] = sapa::h_value(normalizer, logit[t * width + j]) * st0[j];
-      }
-    }
   }
 
   // The normaliser's vjp for one group: dl (taps, width) from the logits, weights, dw_t =
@@ -213,8 +160,9 @@ struct CarafeKernel {
     for (int64_t i = li * g.s; i < (li + 1) * g.s; ++i) {
       load_logits(logits, b, i, wk.lT.data());
       for (int64_t grp = 0; grp < g.G; ++grp)
-        normalise_group(wk.lT.data() + grp * n * width, wk.w.data() + grp * n * width,
-                        wk.st0.data() + grp * width, wk.st1.data() + grp * width);
+        normalise_rows(normalizer, A(eps), taps(), width, wk.lT.data() + grp * n * width,
+                       wk.w.data() + grp * n * width, wk.st0.data() + grp * width,
+                       wk.st1.data() + grp * width);
       save_stats(stat, b, i, wk.st0.data(), wk.st1.data());
       out_poison(wk.w.data(), li, wk.poison.data());
       for (int64_t lj = 0; lj < g.W; ++lj) {
@@ -282,7 +230,8 @@ struct CarafeKernel {
       for (int64_t grp = 0; grp < g.G; ++grp) {
         const int64_t at = grp * n * width;
         A *st0 = wk.st0.data() + grp * width, *st1 = wk.st1.data() + grp * width;
-        group_weights(wk.lT.data() + at, st0, st1, wk.w.data() + at);
+        weights_from_stats(normalizer, taps(), width, wk.lT.data() + at, st0, st1,
+                           wk.w.data() + at);
         group_tap_products(wk.gT.data(), wk.xwin.data(), grp, wk.dw.data(), wk.zero.data());
         group_logit_gradients(wk.lT.data() + at, wk.w.data() + at, wk.dw.data() + at, st0, st1,
                               wk.dl.data() + at);

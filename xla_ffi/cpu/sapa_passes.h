@@ -18,6 +18,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu/normalise.h"
 #include "cpu/parallel.h"
 #include "cpu/rows.h"
 #include "cpu/simd.h"
@@ -177,58 +178,6 @@ struct Kernel {
     });
   }
 
-  // Forward normalisation of one output row, every lane j a point: weights w[t * width + j]
-  // and stats st0[j], st1[j] (layout and finish_stats in sapa_common.h).
-  SAPA_INLINE void normalise_row(const A* logit, A* w, A* st0, A* st1) const {
-    const int64_t n = taps();
-    if (o.normalizer == sapa::kNone) {
-      std::copy(logit, logit + n * width, w);
-      std::fill(st0, st0 + width, A(0));
-      std::fill(st1, st1 + width, A(0));
-      return;
-    }
-    A* sum = st1;  // the sums first, then stat 1
-    std::fill(sum, sum + width, A(0));
-    if (o.normalizer == sapa::kSoftmax) {
-      A* top = st0;
-      std::fill(top, top + width, -std::numeric_limits<A>::infinity());
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < width; ++j) top[j] = sapa::nan_max(top[j], logit[t * width + j]);
-      for (int64_t t = 0; t < n; ++t) {
-        exp_shifted(logit + t * width, top, w + t * width, width);
-        for (int64_t j = 0; j < width; ++j) sum[j] += w[t * width + j];
-      }
-    } else {
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < width; ++j) {
-          w[t * width + j] = sapa::h_value(o.normalizer, logit[t * width + j]);
-          sum[j] += w[t * width + j];
-        }
-    }
-    for (int64_t j = 0; j < width; ++j)
-      sapa::finish_stats(o.normalizer, A(o.eps), st0[j], sum[j], &st0[j], &st1[j]);
-    const A* scale = o.normalizer == sapa::kSoftmax ? st1 : st0;
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = 0; j < width; ++j) w[t * width + j] *= scale[j];
-  }
-
-  // The same weights recomputed from saved stats (the same operations, so the same bits).
-  SAPA_INLINE void weights_row(const A* logit, const A* st0, const A* st1, A* w) const {
-    if (o.normalizer == sapa::kNone) {
-      std::copy(logit, logit + taps() * width, w);
-      return;
-    }
-    for (int64_t t = 0; t < taps(); ++t) {
-      A* wt = w + t * width;
-      if (o.normalizer == sapa::kSoftmax) {
-        exp_shifted(logit + t * width, st0, wt, width);
-        for (int64_t j = 0; j < width; ++j) wt[j] *= st1[j];
-      } else {
-        for (int64_t j = 0; j < width; ++j)
-          wt[j] = sapa::h_value(o.normalizer, logit[t * width + j]) * st0[j];
-      }
-    }
-  }
 
   // Inside taps of centre (li, lj) and their rows in `band` (tap_of: their tap indices).
   // Returns their number.
@@ -363,7 +312,8 @@ struct Kernel {
     for (int64_t i = li * g.s; i < (li + 1) * g.s; ++i) {
       A* logit = wk.logits[i - li * g.s];
       mask_uncounted(logit, wk.inside.data());
-      normalise_row(logit, wk.w.data(), wk.st0.data(), wk.st1.data());
+      normalise_rows(o.normalizer, A(o.eps), taps(), width, logit, wk.w.data(), wk.st0.data(),
+                     wk.st1.data());
       out_poison(li, wk.w.data(), wk.inside.data(), wk.poison.data());
       for (int64_t j = 0; j < g.oW(); ++j) {
         stat[g.stat_at(b, i, j)] = wk.st0[j];
@@ -438,7 +388,7 @@ struct Kernel {
         st0[j] = stat[g.stat_at(b, i, j)];
         st1[j] = stat[g.stat_at(b, i, j) + 1];
       }
-      weights_row(logit, st0, st1, w);
+      weights_from_stats(o.normalizer, taps(), width, logit, st0, st1, w);
       logit_gradients(logit, w, dw, st0, st1, inside, wk.spread.data(), dl);
       dq_poison(li, dl, qzero, inside, wk.poison.data());
       transpose(w, width, n, g.oW(), wk.wT.data(), n);
