@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 RESULT_NAMES = ("out", "dq", "dk", "dv")
@@ -146,3 +147,19 @@ BAD_BACKWARD_CALLS = {
     "kernel-even": (STATS_OK, G_OK, (4, 2, 0, 0, 1e-6),
                     "sapa_backward: kernel_size must be a positive odd integer, got 4"),
 }
+
+
+def value_and_vjp(f, args, cot_dtype=None, seed=1):
+    """f(*args) and its vjp for a random cotangent, drawn in float64 and rounded to `cot_dtype`
+    (default: the output's dtype) so that two calls can share its values. Jitted: one compile
+    per case instead of one per primitive."""
+    out_shape = jax.eval_shape(f, *args)
+    cot = np.random.default_rng(seed).standard_normal(out_shape.shape)
+    cot = cot.astype(cot_dtype or out_shape.dtype).astype(out_shape.dtype)
+
+    @jax.jit
+    def run(args, cot):
+        out, vjp = jax.vjp(f, *args)
+        return (out, *vjp(cot))
+
+    return run(tuple(args), cot)

@@ -48,16 +48,7 @@ def _inputs(case, dtype=np.float32, seed=0):
 def _value_and_vjp(impl, args, opts, cot_dtype=None, seed=1, eps=1e-6):
     """out, dx, dlogits for a random cotangent (drawn in float64, rounded to `cot_dtype`)."""
     f = lambda x, logits: sapa_jax.carafe_upsample(x, logits, impl=impl, eps=eps, **opts)
-    out_shape = jax.eval_shape(f, *args)
-    cot = np.random.default_rng(seed).standard_normal(out_shape.shape)
-    cot = cot.astype(cot_dtype or out_shape.dtype).astype(out_shape.dtype)
-
-    @jax.jit
-    def run(args, cot):
-        out, vjp = jax.vjp(f, *args)
-        return (out, *vjp(cot))
-
-    return run(tuple(args), cot)
+    return kernel_cases.value_and_vjp(f, args, cot_dtype, seed)
 
 
 def _assert_matches(args, opts, rtol, atol, eps=1e-6):

@@ -54,16 +54,7 @@ def _value_and_vjp(impl, args, opts, cot_dtype=None, seed=1):
     `cot_dtype` (default: the output's dtype), so that two calls can share its values.
     Jitted: one compile per case instead of one per primitive."""
     f = lambda q, k, v: sapa_jax.sapa_upsample(q, k, v, impl=impl, **opts)
-    out_shape = jax.eval_shape(f, *args)
-    cot = np.random.default_rng(seed).standard_normal(out_shape.shape)
-    cot = cot.astype(cot_dtype or out_shape.dtype).astype(out_shape.dtype)
-
-    @jax.jit
-    def run(args, cot):
-        out, vjp = jax.vjp(f, *args)
-        return (out, *vjp(cot))
-
-    return run(tuple(args), cot)
+    return kernel_cases.value_and_vjp(f, args, cot_dtype, seed)
 
 
 def _assert_matches(args, opts, rtol, atol):
