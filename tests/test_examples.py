@@ -8,11 +8,9 @@ few as possible and overlap (see the `runs` fixture).
 from __future__ import annotations
 
 import csv
+import functools
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,12 +21,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import example_runs
 import sapa_jax
 from examples.common import training
 from examples.common import upsamplers as ups
 from examples.segmentation import data, figures, metrics, model, train
 
-REPO = Path(__file__).resolve().parents[1]
+_launch = functools.partial(example_runs.launch, "segmentation")
+_finish = example_runs.finish
 TINY = ["--image-size", "16", "--batch-size", "4", "--val-size", "4", "--seeds", "0",
         "--log-every", "1"]
 UPSAMPLERS = ("bilinear", "deconv", "sapa-i", "sapa-b")
@@ -207,25 +207,6 @@ def test_parse_args_defaults_and_val_rounding():
 
 # ----------------------------------------------------------------------------- end to end
 
-def _launch(args, devices: int, log: Path) -> subprocess.Popen:
-    """`python -m examples.segmentation ARGS` on `devices` fake CPU devices, output to `log`."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    with log.with_suffix(".out").open("w") as out, log.with_suffix(".err").open("w") as err:
-        return subprocess.Popen([sys.executable, "-m", "examples.segmentation", *args],
-                                cwd=REPO, env=env, stdout=out, stderr=err)
-
-
-def _finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> dict:
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return {"rc": proc.returncode, "stdout": log.with_suffix(".out").read_text(),
-            "stderr": log.with_suffix(".err").read_text()}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """CLI runs in subprocesses, overlapped (compilation is single-threaded, so two processes
@@ -240,10 +221,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("segmentation")
     tiny_args = TINY + ["--upsamplers", ",".join(UPSAMPLERS), "--seeds", "0,1", "--steps", "2",
                         "--eval-every", "1", "--out", str(root / "tiny")]
-    tiny = _launch(tiny_args, 1, root / "tiny")
+    tiny = _launch(tiny_args, root / "tiny")
     four_args = TINY + ["--upsamplers", "sapa-b", "--steps", "100000", "--eval-every", "2",
                         "--no-figures", "--out", str(root / "four")]
-    four = _launch(four_args, 4, root / "four")
+    four = _launch(four_args, root / "four", devices=4)
     first_checkpoint = root / "four" / "checkpoints" / "sapa-b_seed0" / "2"
     deadline = time.monotonic() + 400
     while not first_checkpoint.is_dir() and four.poll() is None and time.monotonic() < deadline:
@@ -259,18 +240,18 @@ def runs(tmp_path_factory):
     result["four_doc"] = json.loads(interrupted.read_text()) if interrupted.exists() else None
     segformer_args = TINY + ["--decoder", "segformer", "--upsamplers", "nearest,sapa-g",
                              "--steps", "1", "--no-figures", "--out", str(root / "segformer")]
-    segformer = _launch(segformer_args, 1, root / "segformer")
+    segformer = _launch(segformer_args, root / "segformer")
     if result["four_doc"]:
         stopped = result["four_doc"]["runs"][0]["step"]
         resume_args = TINY + ["--upsamplers", "sapa-b", "--steps", str(stopped + 2),
                               "--eval-every", "2", "--no-figures", "--resume",
                               "--out", str(root / "four")]
-        resume = _launch(resume_args, 1, root / "resume")
+        resume = _launch(resume_args, root / "resume")
         result["resume"] = _finish(resume, root / "resume", timeout=400)
     result["tiny"] = _finish(tiny, root / "tiny", timeout=600)
     result["segformer"] = _finish(segformer, root / "segformer", timeout=400)
     first = (root / "tiny" / "results.json").read_bytes() if result["tiny"]["rc"] == 0 else None
-    result["again"] = _finish(_launch(tiny_args, 1, root / "again"), root / "again")
+    result["again"] = _finish(_launch(tiny_args, root / "again"), root / "again")
     result["again_unchanged"] = first is not None and \
         (root / "tiny" / "results.json").read_bytes() == first
     return result
@@ -399,8 +380,8 @@ def test_resume_continues_the_step_counter(runs):
 
 
 def test_batch_not_divisible_by_devices_fails_clearly(tmp_path):
-    proc = _launch(["--batch-size", "6", "--steps", "1", "--out", str(tmp_path / "out")], 4,
-                   tmp_path / "bad")
+    proc = _launch(["--batch-size", "6", "--steps", "1", "--out", str(tmp_path / "out")],
+                   tmp_path / "bad", devices=4)
     result = _finish(proc, tmp_path / "bad", timeout=120)
     assert result["rc"] == 2
     assert "divisible by the number of devices (4)" in result["stderr"]

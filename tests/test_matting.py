@@ -4,13 +4,10 @@ Ctrl-C and resume. Compilation dominates on a CPU, so the CLI runs are few and o
 from __future__ import annotations
 
 import csv
+import functools
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import example_runs
 from examples.matting import data, model, train
 
-REPO = Path(__file__).resolve().parents[1]
+_launch = functools.partial(example_runs.launch, "matting")
+_finish = example_runs.finish
 TINY = ["--image-size", "16", "--batch-size", "4", "--val-size", "4", "--log-every", "1"]
 
 
@@ -136,24 +135,6 @@ def test_bad_command_lines_exit_with_a_message(argv, message, capsys):
 
 
 # ----------------------------------------------------------------------------- end to end
-
-def _launch(args, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    with log.with_suffix(".out").open("w") as out, log.with_suffix(".err").open("w") as err:
-        return subprocess.Popen([sys.executable, "-m", "examples.matting", *args], cwd=REPO,
-                                env=env, stdout=out, stderr=err)
-
-
-def _finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> dict:
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return {"rc": proc.returncode, "stdout": log.with_suffix(".out").read_text(),
-            "stderr": log.with_suffix(".err").read_text()}
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

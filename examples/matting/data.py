@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from examples.common.noise import smooth_noise
+
 SUPERSAMPLE = 4  # coverage samples per pixel and axis
 PALETTE = 4  # colours shared by foreground and background of one sample
 TRIMAP_BG, TRIMAP_UNKNOWN, TRIMAP_FG = 0, 1, 2
@@ -36,22 +38,11 @@ _STRANDS, _STRAND_SEGMENTS, _HOLES = 8, 6, 3
 _RENDER_CHUNK = 8  # mattes per call of the jitted renderer
 
 
-def _smooth_noise(rng, batch, size, cells, channels):
-    """(B, S, S, C) noise in [-1, 1], bilinearly interpolated from a (cells x cells) grid."""
-    grid = rng.uniform(-1.0, 1.0, (batch, cells, cells, channels)).astype(np.float32)
-    pos = (np.arange(size, dtype=np.float32) + 0.5) / size * (cells - 1)
-    i0 = np.minimum(pos.astype(np.int64), cells - 2)
-    f = (pos - i0)[:, None]
-    rows = grid[:, i0] * (1 - f)[None, :, :, None] + grid[:, i0 + 1] * f[None, :, :, None]
-    f = f[:, 0][None, None, :, None]
-    return rows[:, :, i0] * (1 - f) + rows[:, :, i0 + 1] * f
-
-
 def _palette_texture(rng, palette, size, cells, stripes: bool, favoured):
     """(B, S, S, 3) texture: a per-pixel softmax mixture of the palette's colours, the
     `favoured` ones (indices) more often than the others."""
     batch = palette.shape[0]
-    logits = 3.0 * _smooth_noise(rng, batch, size, cells, PALETTE)
+    logits = 3.0 * smooth_noise(rng, batch, size, cells, PALETTE)
     logits[..., list(favoured)] += 2.0
     if stripes:  # oriented stripes: texture edges that are not matte edges
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5

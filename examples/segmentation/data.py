@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from examples.common.noise import smooth_noise
+
 CLASS_NAMES = ("background", "disc", "polygon", "line", "ring")
 NUM_CLASSES = len(CLASS_NAMES)
 DISC, POLYGON, LINE, RING = 1, 2, 3, 4
@@ -30,20 +32,9 @@ _SLOTS = (DISC, POLYGON, RING, LINE, LINE, DISC, POLYGON, RING, LINE)
 _TRAIN_STREAM, _VAL_STREAM = 0, 1  # second seed word: keeps train and validation streams apart
 
 
-def _smooth_noise(rng, batch, size, cells, channels):
-    """(B, S, S, C) noise, bilinearly interpolated from a random (cells x cells) grid."""
-    grid = rng.uniform(-1.0, 1.0, (batch, cells, cells, channels)).astype(np.float32)
-    pos = (np.arange(size, dtype=np.float32) + 0.5) / size * (cells - 1)
-    i0 = np.minimum(pos.astype(np.int64), cells - 2)
-    f = (pos - i0)[:, None]
-    rows = grid[:, i0] * (1 - f)[None, :, :, None] + grid[:, i0 + 1] * f[None, :, :, None]
-    f = f[:, 0][None, None, :, None]
-    return rows[:, :, i0] * (1 - f) + rows[:, :, i0 + 1] * f
-
-
 def _background(rng, batch, size, yy, xx):
-    colour = 0.5 + 0.3 * _smooth_noise(rng, batch, size, 4, 3)
-    colour += 0.12 * _smooth_noise(rng, batch, size, 9, 3)
+    colour = 0.5 + 0.3 * smooth_noise(rng, batch, size, 4, 3)
+    colour += 0.12 * smooth_noise(rng, batch, size, 9, 3)
     # Oriented stripes: texture edges that carry no label boundary.
     theta = rng.uniform(0, np.pi, (batch, 1, 1))
     period = rng.uniform(3.0, 8.0, (batch, 1, 1)) * max(1.0, size / 64)
@@ -104,7 +95,7 @@ def make_batch(rng: np.random.Generator, batch: int, size: int):
         mask = _PAINTERS[int(cls)](rng, batch, size, yy, xx)
         mask &= rng.random((batch, 1, 1)) < 0.75
         colour = _BASE_COLOURS[cls - 1] + rng.normal(0, 0.12, (batch, 1, 1, 3))
-        texture = 0.06 * _smooth_noise(rng, batch, size, 6, 1)
+        texture = 0.06 * smooth_noise(rng, batch, size, 6, 1)
         image = np.where(mask[..., None], colour + texture, image)
         labels[mask] = cls
     image += rng.normal(0, 0.08, image.shape)

@@ -43,9 +43,9 @@ VAL_SEED = 2022  # the validation set is the same for every run, so runs compare
 EXIT_INTERRUPTED = training.EXIT_INTERRUPTED
 METRICS = ("miou", "boundary_iou")
 RUN_METRICS = (*METRICS, "pixel_accuracy")  # the columns of runs.csv
-# Every upsampler this build of sapa_jax has, but SAPA-D: it runs on its jnp path (about 20x
-# slower per step than the others here) until its fused kernel lands, which would triple the
-# demo's time. Ask for it with --upsamplers ...,sapa-d.
+# Every upsampler this build of sapa_jax has, but SAPA-D: about 10x bilinear's step time on a
+# CPU even with its fused kernel, which would more than double the demo's time. Ask for it
+# with --upsamplers ...,sapa-d.
 DEFAULT_UPSAMPLERS = tuple(u for u in ups.available() if u != "sapa-d")
 ABLATION_BASE = {"upsampler": "sapa-b", "normalizer": "softmax", "kernel_size": 5,
                  "embedding_dim": 32}
