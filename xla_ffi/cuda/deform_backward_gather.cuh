@@ -84,7 +84,8 @@ __global__ void __launch_bounds__(kThreads)
           const DeformCell<float> cell = deform_cell_of(g, f, off_pt, grp, p);
           const int64_t cy = y - cell.y0, cx = x - cell.x0;
           if (cell.kind != sapa::kSampleRead || cy < 0 || cy > 1 || cx < 0 || cx > 1) continue;
-          const float w = cell.w[cy * 2 + cx];
+          // constant indices only: a computed one would put cell.w in local memory
+          const float w = cy ? (cx ? cell.w[3] : cell.w[2]) : (cx ? cell.w[1] : cell.w[0]);
           const int64_t slot = (pt * g.G + grp) * g.P + p;
           acc = is_k ? fmaf(w, ws.dlogit[slot] * to_f(q[pt * g.qk_dim() + grp * g.E + ch]), acc)
                      : fmaf(w * ws.attn[slot], to_f(gout[pt * g.C() + grp * g.Cg + ch - g.E]),
