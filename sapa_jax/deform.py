@@ -14,8 +14,8 @@ integers), bilinearly; its weights are the softmax over the P points of q[l'] . 
 
 `impl="xla"` runs the jnp formulation below; `impl="auto"` picks the fused kernel when one is
 built for the platform and dtype, else jnp; `impl="ffi"` demands the kernel. The fused kernel
-exists for the CPU (f32, f64, bf16, f16; docs/design.md section 6); on a GPU "auto" runs jnp
-until the CUDA kernel is built. The kernel path is reverse-mode differentiable (`grad`, `vjp`);
+exists for the CPU (f32, f64, bf16, f16) and CUDA (f32, bf16, f16; docs/design.md section 6,
+checked through the CUDA emulator, not yet on a GPU). The kernel path is reverse-mode differentiable (`grad`, `vjp`);
 forward mode (`jvp`) needs `impl="xla"`.
 """
 from __future__ import annotations

@@ -24,6 +24,7 @@
 #include "carafe_common.h"
 #include "carafe_handlers.h"
 #include "cuda/device.cuh"
+#include "cuda/launch.h"
 #include "sapa_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -44,6 +45,8 @@ struct CarafeParams {
 
 // Element types: sapa::cuda::to_f / from_f of the kernel layer (cuda/device.cuh).
 using sapa::cuda::from_f;
+using sapa::cuda::grid_for;
+using sapa::cuda::launch_error;
 using sapa::cuda::to_f;
 
 struct PointIndex {
@@ -209,24 +212,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side ----
 
-// Grid of a grid-stride kernel: enough blocks to fill the device a few times over.
-unsigned grid_for(int64_t work_items, int per_block) {
-  int dev = 0, sms = 1;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    sms = 1;
-  const int64_t needed = (work_items + per_block - 1) / per_block;
-  return static_cast<unsigned>(
-      std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{std::max(sms, 1)} * 32)));
-}
-
-ffi::Error launch_error(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("CARAFE CUDA ") + what +
-                              " launch failed: " + cudaGetErrorString(err));
-}
-
 bool supported(ffi::DataType t) {
   return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
 }
@@ -272,7 +257,7 @@ ffi::Error launch_forward(cudaStream_t stream, const CarafeParams& P, const void
   carafe_forward_simple<T><<<grid_for(npts, kWarps), kThreads, 0, stream>>>(
       P, static_cast<const T*>(x), static_cast<const T*>(logits), static_cast<T*>(out),
       static_cast<float*>(stats));
-  return launch_error("carafe_forward_simple");
+  return launch_error("CARAFE", "carafe_forward_simple");
 }
 
 template <typename T>
@@ -284,12 +269,12 @@ ffi::Error launch_backward(cudaStream_t stream, const CarafeParams& P, const voi
       P, static_cast<const T*>(x), static_cast<const T*>(logits),
       static_cast<const float*>(stats), static_cast<const T*>(g), static_cast<T*>(dlogits),
       static_cast<float*>(w));
-  if (auto err = launch_error("carafe_backward_points_simple"); err.failure()) return err;
+  if (auto err = launch_error("CARAFE", "carafe_backward_points_simple"); err.failure()) return err;
   const int64_t items = P.n * P.H * int64_t{P.W} * P.C;
   if (items == 0) return ffi::Error::Success();
   carafe_backward_gather_simple<T><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
       P, static_cast<const T*>(g), static_cast<const float*>(w), static_cast<T*>(dx));
-  return launch_error("carafe_backward_gather_simple");
+  return launch_error("CARAFE", "carafe_backward_gather_simple");
 }
 
 ffi::Error CarafeForwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer logits,

@@ -5,6 +5,7 @@
 
 #include "carafe_handlers.h"
 #include "cuda/entry.h"
+#include "deform_handlers.h"
 #include "sapa_contract.h"
 #include "sapa_handlers.h"
 
@@ -22,6 +23,8 @@ PYBIND11_MODULE(_sapa_cuda, m) {
     targets["sapa_backward"] = Capsule(SapaBackwardCuda);
     targets["carafe_forward"] = Capsule(CarafeForwardCuda);
     targets["carafe_backward"] = Capsule(CarafeBackwardCuda);
+    targets["sapa_deform_forward"] = Capsule(SapaDeformForwardCuda);
+    targets["sapa_deform_backward"] = Capsule(SapaDeformBackwardCuda);
     return targets;
   });
   // Can this module's kernels run here? Versions are CUDA's encoding (1000 * major + 10 * minor);

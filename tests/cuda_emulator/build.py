@@ -51,6 +51,8 @@ def build(out_dir: pathlib.Path):
     for entry in CUDA_SOURCES:
         path = FFI_DIR / entry
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        # the SAPA-D kernels (cuda/deform_*) are build_deform's: their barriers are not SAPA's
+        files = [p for p in files if not p.name.startswith("deform_")]
         sources.update({str(p.relative_to(FFI_DIR)): p.read_text() for p in files})
     return _compile(out_dir, MODULE, sources, HERE / "emu_module.cc")
 
@@ -65,6 +67,19 @@ def build_carafe(out_dir: pathlib.Path):
     sources = {name: (FFI_DIR / name).read_text() for name in CARAFE_SOURCES}
     return _compile(out_dir, CARAFE_MODULE, sources, HERE / "carafe_emu_module.cc",
                     needs_shared=False)
+
+
+# The SAPA-D kernels: their .cu and every cuda/deform_* header (the other kernel-layer headers
+# they include have no barriers and need no rewrite).
+DEFORM_MODULE = "deform_cuda_emu"
+
+
+def build_deform(out_dir: pathlib.Path):
+    """`build` for the SAPA-D kernels (xla_ffi/deform_cuda.cu, deform_emu_module.cc)."""
+    names = ["deform_cuda.cu"] + sorted(
+        str(p.relative_to(FFI_DIR)) for p in (FFI_DIR / "cuda").glob("deform_*"))
+    sources = {name: (FFI_DIR / name).read_text() for name in names}
+    return _compile(out_dir, DEFORM_MODULE, sources, HERE / "deform_emu_module.cc")
 
 
 def _compile(out_dir, module_name, sources, module_source, needs_shared=True):

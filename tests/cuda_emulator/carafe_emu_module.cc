@@ -1,50 +1,18 @@
 // pybind11 module around the FFI implementation functions of xla_ffi/carafe_cuda.cu, compiled
-// on the CPU against the emulator headers (see emu_core.h and emu_module.cc, its SAPA twin).
-// NumPy arrays are handed over as XLA_FFI_Buffers without copies; a call returns "" on success,
-// else the ffi::Error message.
+// on the CPU against the emulator headers (see emu_core.h; the pybind11 side is emu_module.h).
 #include "carafe_cuda.cu"  // the rewritten one (transform.py), before xla_ffi/ on the path
 
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
-#include <stdexcept>
 #include <string>
-#include <vector>
 
+#include "emu_module.h"
 #include "sapa_contract.h"
 
 namespace py = pybind11;
 
 namespace {
 
-XLA_FFI_DataType dtype_of(const std::string& name) {
-  if (name == "float32") return XLA_FFI_DataType_F32;
-  if (name == "bfloat16") return XLA_FFI_DataType_BF16;
-  if (name == "float16") return XLA_FFI_DataType_F16;
-  if (name == "float64") return XLA_FFI_DataType_F64;
-  throw std::invalid_argument("unsupported dtype " + name);
-}
-
-struct Buf {
-  XLA_FFI_Buffer buf{};
-  std::vector<int64_t> dims;
-  explicit Buf(py::array a) {
-    if (!(a.flags() & py::array::c_style)) throw std::invalid_argument("array not C-contiguous");
-    dims.assign(a.shape(), a.shape() + a.ndim());
-    buf.struct_size = sizeof(XLA_FFI_Buffer);
-    buf.dtype = dtype_of(py::str(a.dtype()));
-    buf.data = const_cast<void*>(a.data());
-    buf.rank = a.ndim();
-    buf.dims = dims.data();
-  }
-  ffi::AnyBuffer any() { return ffi::AnyBuffer(&buf); }
-};
-
-std::string message(const ffi::Error& e) {
-  if (!e.failure()) return "";
-  return e.message().empty() ? "error without a message" : e.message();
-}
+using emu::Buf;
+using emu::message;
 
 std::string forward(py::array x, py::array logits, py::array out, py::array stats,
                     int64_t kernel_size, int64_t scale, int64_t groups, int64_t normalizer,
@@ -68,13 +36,6 @@ std::string backward(py::array x, py::array logits, py::array stats, py::array g
 PYBIND11_MODULE(carafe_cuda_emu, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
-  m.def("take_launches", []() {
-    std::vector<std::tuple<unsigned, int, size_t>> out;
-    for (const auto& l : emu::launches) out.emplace_back(l.grid, l.block, l.shared_bytes);
-    emu::launches.clear();
-    return out;
-  });
-  m.def("set_schedule", &emu::set_schedule, py::arg("mode"), py::arg("seed") = 0);
-  m.def("drop_barrier", [](int index) { emu::dropped_barrier = index; });
+  emu::add_controls(m);
   m.def("contract", [] { return sapa::contract({"float32", "bfloat16", "float16"}); });
 }

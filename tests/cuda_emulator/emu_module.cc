@@ -1,52 +1,22 @@
 // pybind11 module around the entry points of the CUDA back end (xla_ffi/cuda/entry.h), compiled
-// on the CPU against the emulator headers (see emu_core.h). Numpy arrays are handed over as
-// XLA_FFI_Buffers without copies; the call returns "" on success, else the ffi::Error message.
+// on the CPU against the emulator headers (see emu_core.h; the pybind11 side is emu_module.h).
 #include "sapa_cuda.cu"  // the rewritten one (transform.py), with its rewritten cuda/ headers
 
 #include "cuda/entry.h"
 #include "cuda/plan.h"
 
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
 #include <tuple>
 #include <vector>
 
+#include "emu_module.h"
 #include "sapa_contract.h"
 
 namespace py = pybind11;
 
 namespace {
 
-XLA_FFI_DataType dtype_of(const std::string& name) {
-  if (name == "float32") return XLA_FFI_DataType_F32;
-  if (name == "bfloat16") return XLA_FFI_DataType_BF16;
-  if (name == "float16") return XLA_FFI_DataType_F16;
-  if (name == "float64") return XLA_FFI_DataType_F64;
-  throw std::invalid_argument("unsupported dtype " + name);
-}
-
-// Keeps the dims alive for as long as the XLA_FFI_Buffer that points at them.
-struct Buf {
-  XLA_FFI_Buffer buf{};
-  std::vector<int64_t> dims;
-  explicit Buf(py::array a) {
-    if (!(a.flags() & py::array::c_style)) throw std::invalid_argument("array not C-contiguous");
-    dims.assign(a.shape(), a.shape() + a.ndim());
-    buf.struct_size = sizeof(XLA_FFI_Buffer);
-    buf.dtype = dtype_of(py::str(a.dtype()));
-    buf.data = const_cast<void*>(a.data());
-    buf.rank = a.ndim();
-    buf.dims = dims.data();
-  }
-  ffi::AnyBuffer any() { return ffi::AnyBuffer(&buf); }
-};
-
-std::string message(const ffi::Error& e) {
-  if (!e.failure()) return "";
-  return e.message().empty() ? "error without a message" : e.message();
-}
+using emu::Buf;
+using emu::message;
 
 std::string forward(py::array q, py::array k, py::array v, py::array out, py::array stats,
                     int64_t kernel_size, int64_t scale, int64_t normalizer, int64_t border,
@@ -126,17 +96,7 @@ PYBIND11_MODULE(sapa_cuda_emu, m) {
   m.def("backward", &backward);
   m.def("logit_gradients_f32", &logit_gradients<float>);
   m.def("logit_gradients_f64", &logit_gradients<double>);
-  // (grid, block, dynamic shared bytes) of every launch since the last call; empties the log.
-  m.def("take_launches", []() {
-    std::vector<std::tuple<unsigned, int, size_t>> out;
-    for (const auto& l : emu::launches) out.emplace_back(l.grid, l.block, l.shared_bytes);
-    emu::launches.clear();
-    return out;
-  });
-  // Thread and block order: 0 in order, 1 reversed, 2 shuffled from `seed` (emu_core.h).
-  m.def("set_schedule", &emu::set_schedule, py::arg("mode"), py::arg("seed") = 0);
-  // Barrier the kernels skip (numbers from transform.py), -1 for none.
-  m.def("drop_barrier", [](int index) { emu::dropped_barrier = index; });
+  emu::add_controls(m);
   m.def("contract", [] { return sapa::contract(sapa::cuda::kSupportedTypes); });
   // The planner settings of the CUDA module's set_planner (sapa_handlers.h).
   m.def(
