@@ -5,8 +5,9 @@ Measured side by side in one process (so a busy or shared machine affects both a
   forward    impl="ffi" at the preset, nominal flops 2 K^2 P (d + C), P = output points
   fwd+bwd    jit(vjp), nominal 3x the forward's flops
 for f32 and bf16 inputs at the SIMD level chosen at load, f32 at every other level the machine
-has (--levels), and the interleaved ffi-vs-xla ratio: forward+backward calls of both impls
-alternate, as when a model mixes them, and the ratio of their median times is reported.
+has (--levels), f32 on one worker against two (the 2-core scaling, calls interleaved), and the
+interleaved ffi-vs-xla ratio: forward+backward calls of both impls alternate, as when a model
+mixes them, and the ratio of their median times is reported.
 
 --cpu-time adds the same fractions in CPU time per call (time.process_time, every thread of
 the process) with the kernel on one worker: flops per CPU-second of the kernel against flops
@@ -95,6 +96,27 @@ def main(argv=None) -> int:
 
     q, k, v, g = (jnp.asarray(a) for a in base)
     fwd, fwd_bwd = make_programs("ffi", kernel_size, scale)
+    # Scaling: f32 on one worker and on two, the calls interleaved (so load affects both alike).
+    by_workers = {1: ([], []), 2: ([], [])}
+    jax.block_until_ready((fwd(q, k, v), fwd_bwd(q, k, v, g)))
+    for _ in range(args.repeats):
+        for workers, (t_f, t_b) in by_workers.items():
+            _sapa_cpu.set_max_workers(workers)
+            try:
+                t_f.append(median_seconds(fwd, (q, k, v), 1, warmup=0))
+                t_b.append(median_seconds(fwd_bwd, (q, k, v, g), 1, warmup=0))
+            finally:
+                _sapa_cpu.set_max_workers(0)
+    scaling = {}
+    for workers, (t_f, t_b) in by_workers.items():
+        gf_fwd = forward_flops / statistics.median(t_f) / 1e9
+        gf_both = 3 * forward_flops / statistics.median(t_b) / 1e9
+        scaling[workers] = (gf_fwd, gf_both)
+        rows[f"float32_{workers}_workers"] = dict(forward_gflops=gf_fwd, fwd_bwd_gflops=gf_both)
+    print("ffi float32 by workers: " + "   ".join(
+        f"{w} worker{'s' * (w > 1)}: forward {f:6.1f} GFLOP/s, fwd+bwd {b:6.1f} GFLOP/s"
+        for w, (f, b) in scaling.items()) + f"   (2 vs 1: forward "
+        f"{scaling[2][0] / scaling[1][0]:.2f}x, fwd+bwd {scaling[2][1] / scaling[1][1]:.2f}x)")
     if args.levels:
         for level in _sapa_cpu.simd_levels():
             if level == best:

@@ -28,6 +28,11 @@ inline namespace SAPA_CPU_ISA {
 // (a slow or descheduled worker does not hold the others up); inline for small work. Items are
 // independent, so which worker runs which item does not change a bit of the result.
 //
+// Pool tasks start late: XLA's pool threads sleep between calls and a woken one started 0.2-0.3
+// ms after Schedule on this 2-core VM (a call at the SAPA CPU preset lasts about 1 ms), and
+// 40-90% of them only after the caller had finished every item (BENCHMARKS.md, CPU roofline).
+// So the caller works from the start and tasks take whatever is left when they come.
+//
 // The caller never waits for a task that has not started: a task registers as active before it
 // touches the caller's state, and one that starts after the caller has finished every item finds
 // the job closed and returns. So a busy pool (or a pool thread calling this) cannot deadlock.
@@ -57,14 +62,20 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, double flops_per_item,
     fn(state, int64_t(0), items);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, items / (workers * 4));
   std::atomic<int64_t> next{0};
   auto join = std::make_shared<Join>();
   auto work = [&] {
     try {
       auto state = make_state();
-      for (int64_t begin; (begin = next.fetch_add(chunk)) < items;)
-        fn(state, begin, std::min(begin + chunk, items));
+      // Guided chunks: a share of what is left, so the last chunks are short and the caller
+      // does not wait long for a task that took a big one (pool tasks start late, see above).
+      for (int64_t begin = next.load(std::memory_order_relaxed); begin < items;) {
+        const int64_t size = std::max<int64_t>(1, (items - begin) / (2 * workers));
+        if (!next.compare_exchange_weak(begin, begin + size, std::memory_order_relaxed))
+          continue;  // begin now holds the counter's current value
+        fn(state, begin, begin + size);
+        begin = next.load(std::memory_order_relaxed);
+      }
     } catch (...) {
       std::lock_guard<std::mutex> lock(join->mutex);
       if (!join->error) join->error = std::current_exception();

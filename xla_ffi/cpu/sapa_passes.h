@@ -123,10 +123,14 @@ struct Kernel {
     int64_t t = 0;
     std::fill(inside, inside + taps() * width, uint8_t(0));
     for (int64_t dy = -g.r; dy <= g.r; ++dy)
-      for (int64_t dx = -g.r; dx <= g.r; ++dx, ++t)
-        for (int64_t lj = 0; lj < g.W; ++lj)
-          if (g.inside(li, lj, dy, dx))
-            std::fill_n(inside + t * width + lj * g.s, g.s, uint8_t(1));
+      for (int64_t dx = -g.r; dx <= g.r; ++dx, ++t) {
+        if (!g.inside(li, 0, dy, 0)) continue;  // the window row is outside the map
+        // centres lj with 0 <= lj + dx < W: one run of lanes per tap (not one fill per centre,
+        // which cost a memset call per (tap, centre) pair)
+        const int64_t lj0 = std::max<int64_t>(0, -dx), lj1 = std::min(g.W, g.W - dx);
+        if (lj1 > lj0) std::fill(inside + t * width + lj0 * g.s, inside + t * width + lj1 * g.s,
+                                 uint8_t(1));
+      }
   }
 
   // Logits of taps left out of the normalisation (border "valid", outside the map) become
@@ -237,7 +241,9 @@ struct Kernel {
   struct Work {
     Band<T, A> kband, vband;
     std::vector<A> qT, gT, logit, w, dw, dl, spread, st0, st1, qzero, gzero, poison, coef;
-    std::vector<A> wT, dlT;  // w and dl point-major: the taps of lane j at [j * taps]
+    // w and dl point-major: the taps of lane j at [j * taps] (the forward: s rows of wT, row si
+    // at si * oW * taps; coef and outs: the s * s points of one centre)
+    std::vector<A> wT, dlT;
     std::vector<uint8_t> inside;
     std::vector<const A*> rows, kwin, vwin;
     std::vector<A*> qrows, grows;  // row si of qT and gT
@@ -255,11 +261,13 @@ struct Kernel {
           dl(zeros<A>(backward ? kn.taps() * kn.width : 0)),
           spread(zeros<A>(backward ? 4 * kn.width : 0)), st0(zeros<A>(kn.width)), st1(st0),
           qzero(zeros<A>(kn.g.s * kn.width)), gzero(zeros<A>(backward ? kn.g.s * kn.width : 0)),
-          poison(st0), coef(zeros<A>(kn.g.s * kn.taps())), wT(zeros<A>(kn.taps() * kn.width)),
+          poison(st0), coef(zeros<A>(kn.g.s * kn.g.s * kn.taps())),
+          wT(zeros<A>(kn.g.s * kn.taps() * kn.width)),
           dlT(dl), inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())),
           kwin(size_t(kn.g.K)), vwin(size_t(kn.g.K)), qrows(size_t(kn.g.s)), grows(qrows),
           logits(size_t(kn.g.s)), dws(logits), qzeros(logits), gzeros(logits),
-          outs(size_t(kn.g.s)), tap_of(size_t(kn.taps())), centre_inside(new bool[kn.taps()]),
+          outs(size_t(kn.g.s * kn.g.s)), tap_of(size_t(kn.taps())),
+          centre_inside(new bool[kn.taps()]),
           k(kn.g.W, kn.g.d, backward ? kn.g.K : 0),
           v(kn.g.W, kn.g.C, backward ? 0 : kn.g.K) {  // point-major rows: dq needs k, out v
       const int64_t row = kn.taps() * kn.width;
@@ -297,11 +305,12 @@ struct Kernel {
     weighted_rows_any(g.s, coef, n, wk.rows.data(), count, channels, wk.outs.data());
   }
 
-  // Forward: out and stats of output rows li*s .. li*s+s-1 of batch element b. The s points
-  // of an output row that share a low-res centre are assembled together.
+  // Forward: out and stats of output rows li*s .. li*s+s-1 of batch element b. The s * s points
+  // that share a low-res centre (and so the K*K rows of v) are assembled together: each loaded
+  // row of v feeds s * s sums (register-blocked in weighted_rows, 4 points per block).
   SAPA_CLONES void forward_item(const T* q, const T* k, const T* v, T* out, A* stat, int64_t b,
                                 int64_t li, Work& wk) const {
-    const int64_t n = taps();
+    const int64_t n = taps(), ss = g.s * g.s, row = g.oW() * n;
     window(wk.kband, k, b, li, wk.kwin.data());
     wk.v.load(v + g.v_at(b, 0, 0), std::max<int64_t>(li - g.r, 0), std::min(li + g.r + 1, g.H));
     inside_mask(li, wk.inside.data());
@@ -309,8 +318,9 @@ struct Kernel {
       transpose_row(q + g.q_at(b, li * g.s + si, 0), g.d, wk.qrows[si]);
     tap_products_rows(g.s, wk.qrows.data(), wk.kwin.data(), g.d, wk.logits.data(),
                       wk.qzeros.data());
-    for (int64_t i = li * g.s; i < (li + 1) * g.s; ++i) {
-      A* logit = wk.logits[i - li * g.s];
+    for (int64_t si = 0; si < g.s; ++si) {  // weights of the s rows, point-major in wT
+      const int64_t i = li * g.s + si;
+      A* logit = wk.logits[si];
       mask_uncounted(logit, wk.inside.data());
       normalise_rows(o.normalizer, A(o.eps), taps(), width, logit, wk.w.data(), wk.st0.data(),
                      wk.st1.data());
@@ -319,15 +329,26 @@ struct Kernel {
         stat[g.stat_at(b, i, j)] = wk.st0[j];
         stat[g.stat_at(b, i, j) + 1] = wk.st1[j];
       }
-      transpose(wk.w.data(), width, n, g.oW(), wk.wT.data(), n);
-      add_poison(wk.wT.data(), wk.poison.data());
-      for (int64_t lj = 0; lj < g.W; ++lj) {
-        // v is 0 outside the map: only inside taps enter the sum
-        const int64_t count = inside_rows(wk.v, li, lj, wk.centre_inside.get(), wk.rows.data(),
-                                          wk.tap_of.data());
-        for (int64_t sj = 0; sj < g.s; ++sj) wk.outs[sj] = out + g.out_at(b, i, lj * g.s + sj);
-        assemble_centre(lj, count, wk.wT.data(), g.C, wk);
-      }
+      transpose(wk.w.data(), width, n, g.oW(), wk.wT.data() + si * row, n);
+      add_poison(wk.wT.data() + si * row, wk.poison.data());
+    }
+    for (int64_t lj = 0; lj < g.W; ++lj) {
+      // v is 0 outside the map: only inside taps enter the sum
+      const int64_t count = inside_rows(wk.v, li, lj, wk.centre_inside.get(), wk.rows.data(),
+                                        wk.tap_of.data());
+      for (int64_t si = 0; si < g.s; ++si)
+        for (int64_t sj = 0; sj < g.s; ++sj) {
+          const int64_t p = si * g.s + sj;
+          const A* coef = wk.wT.data() + si * row + (lj * g.s + sj) * n;
+          A* dst = wk.coef.data() + p * n;
+          if (count == n) {
+            std::copy(coef, coef + n, dst);
+          } else {
+            for (int64_t e = 0; e < count; ++e) dst[e] = coef[wk.tap_of[e]];
+          }
+          wk.outs[p] = out + g.out_at(b, li * g.s + si, lj * g.s + sj);
+        }
+      weighted_rows_any(ss, wk.coef.data(), n, wk.rows.data(), count, g.C, wk.outs.data());
     }
   }
 
