@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime_bindings.h"
 #include "sapa_contract.h"
 
 namespace py = pybind11;
@@ -50,7 +51,7 @@ std::string forward(py::array x, py::array logits, py::array out, py::array stat
                     int64_t kernel_size, int64_t scale, int64_t groups, int64_t normalizer,
                     double eps) {
   Buf bx(x), bl(logits), bo(out), bs(stats);
-  return message(CarafeForwardCudaImpl(nullptr, bx.any(), bl.any(), bo.any(), bs.any(),
+  return message(CarafeForwardCudaImpl(emu::handler_stream(), bx.any(), bl.any(), bo.any(), bs.any(),
                                        kernel_size, scale, groups, normalizer, eps));
 }
 
@@ -58,7 +59,7 @@ std::string backward(py::array x, py::array logits, py::array stats, py::array g
                      py::array dlogits, py::array w_scratch, int64_t kernel_size, int64_t scale,
                      int64_t groups, int64_t normalizer, double eps) {
   Buf bx(x), bl(logits), bs(stats), bg(g), bdx(dx), bdl(dlogits), bw(w_scratch);
-  return message(CarafeBackwardCudaImpl(nullptr, bx.any(), bl.any(), bs.any(), bg.any(),
+  return message(CarafeBackwardCudaImpl(emu::handler_stream(), bx.any(), bl.any(), bs.any(), bg.any(),
                                         bdx.any(), bdl.any(), bw.any(), kernel_size, scale,
                                         groups, normalizer, eps));
 }
@@ -68,12 +69,7 @@ std::string backward(py::array x, py::array logits, py::array stats, py::array g
 PYBIND11_MODULE(carafe_cuda_emu, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
-  m.def("take_launches", []() {
-    std::vector<std::tuple<unsigned, int, size_t>> out;
-    for (const auto& l : emu::launches) out.emplace_back(l.grid, l.block, l.shared_bytes);
-    emu::launches.clear();
-    return out;
-  });
+  emu::bind_runtime(m);
   m.def("set_schedule", &emu::set_schedule, py::arg("mode"), py::arg("seed") = 0);
   m.def("drop_barrier", [](int index) { emu::dropped_barrier = index; });
   m.def("contract", [] { return sapa::contract({"float32", "bfloat16", "float16"}); });

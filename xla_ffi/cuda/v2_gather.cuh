@@ -154,27 +154,38 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   extern __shared__ float4 shared4[];
   float* const buf = reinterpret_cast<float*>(shared4);
   float* const rows = buf + P.TH * P.TW * Sh::T * Sh::s2pad;
-  const Tile t = tile_of_block(P);
+  // Block = (tile, split): the P.splits blocks of a tile take a share each of the chunk list
+  // (dk chunks over d, then dv chunks over C).
+  const int split = static_cast<int>(blockIdx.x % P.splits);
+  const Tile t = tile_at(blockIdx.x / P.splits, P);
   const PaddedHalo h = strip_halo(t, Sh::r);
+  const ChunkRange chunks = split_range(gather_chunks(P), P.splits, split);
+  const int keys = gather_key_chunks(P);
 
   // dk = sum dlogit * q over key-channel chunks.
-  gather_taps<K, S>(buf, dlogit_in, t, P);
-  for (int c0 = 0; c0 < P.d; c0 += kChunk) {
-    const int width = min(kChunk, P.d - c0);
-    __syncthreads();  // buf complete / previous chunk consumed
-    stage_points_padded<S>(rows, q, P.d, c0, width, h, t, P);
-    __syncthreads();
-    gather_strips<K, S>(dk, P.d, c0, width, rows, buf, h, t, P);
+  const int key_end = min(chunks.end, keys);
+  if (chunks.begin < key_end) {
+    gather_taps<K, S>(buf, dlogit_in, t, P);
+    for (int c0 = chunks.begin * kChunk; c0 < key_end * kChunk; c0 += kChunk) {
+      const int width = min(kChunk, P.d - c0);
+      __syncthreads();  // buf complete / previous chunk consumed
+      stage_points_padded<S>(rows, q, P.d, c0, width, h, t, P);
+      __syncthreads();
+      gather_strips<K, S>(dk, P.d, c0, width, rows, buf, h, t, P);
+    }
+    __syncthreads();  // buf is rewritten below
   }
-  __syncthreads();  // buf is rewritten below
   // dv = sum w * g over value-channel chunks.
-  gather_taps<K, S>(buf, w_in, t, P);
-  for (int c0 = 0; c0 < P.C; c0 += kChunk) {
-    const int width = min(kChunk, P.C - c0);
-    __syncthreads();
-    stage_points_padded<S>(rows, g, P.C, c0, width, h, t, P);
-    __syncthreads();
-    gather_strips<K, S>(dv, P.C, c0, width, rows, buf, h, t, P);
+  const int value_begin = max(chunks.begin, keys) - keys, value_end = chunks.end - keys;
+  if (value_begin < value_end) {
+    gather_taps<K, S>(buf, w_in, t, P);
+    for (int c0 = value_begin * kChunk; c0 < value_end * kChunk; c0 += kChunk) {
+      const int width = min(kChunk, P.C - c0);
+      __syncthreads();
+      stage_points_padded<S>(rows, g, P.C, c0, width, h, t, P);
+      __syncthreads();
+      gather_strips<K, S>(dv, P.C, c0, width, rows, buf, h, t, P);
+    }
   }
 }
 
