@@ -79,6 +79,12 @@ ffi::Error allow_shared(Fn* kernel, size_t bytes, const DeviceLimits& dev) {
 
 // ---- second-generation kernels (cuda/v2_plan.h): one launcher per (K, s) specialisation ----
 
+// Grid of a v2 kernel: x the tiles, y the channel split (plan.h).
+dim3 v2_grid(const Plan& plan) {
+  return dim3(static_cast<unsigned>(plan.blocks / plan.splits),
+              static_cast<unsigned>(plan.splits));
+}
+
 // Launch<K, S>::run(args...) for the specialisation of (K, s); v2::specialised(K, s) holds.
 template <template <int, int> class Launch, typename... Args>
 ffi::Error by_shape(int K, int s, const Args&... args) {
@@ -106,8 +112,8 @@ template <typename T> struct ForwardV2 {
       if (auto err = allow_shared(v2::forward_v2<T, K, S>, plan.shared_bytes, dev);
           err.failure())
         return err;
-      v2::forward_v2<T, K, S><<<static_cast<unsigned>(plan.blocks), kThreads, plan.shared_bytes,
-                                stream>>>(P, q, k, v, out, stats);
+      v2::forward_v2<T, K, S><<<v2_grid(plan), kThreads, plan.shared_bytes, stream>>>(
+          P, q, k, v, out, stats);
       return launch_error("forward_v2");
     }
   };
@@ -121,8 +127,8 @@ template <typename T> struct GatherV2 {
       if (auto err = allow_shared(v2::backward_gather_v2<T, K, S>, plan.shared_bytes, dev);
           err.failure())
         return err;
-      v2::backward_gather_v2<T, K, S><<<static_cast<unsigned>(plan.blocks), kThreads,
-                                        plan.shared_bytes, stream>>>(P, q, g, w, dlogit, dk, dv);
+      v2::backward_gather_v2<T, K, S><<<v2_grid(plan), kThreads, plan.shared_bytes, stream>>>(
+          P, q, g, w, dlogit, dk, dv);
       return launch_error("backward_gather_v2");
     }
   };

@@ -139,7 +139,7 @@ inline Plan cost_plan(Kernel kernel, const Params& P, const DeviceLimits& dev) {
         const int per_sm = resident_blocks(bytes, dev);
         if (per_sm < 1) continue;
         const int64_t tiles = P.n * ((P.H + TH - 1) / TH) * ((P.W + TW - 1) / TW);
-        if (tiles * splits > 0x7fffffff) continue;  // grid too large for a block per tile
+        if (tiles > 0x7fffffff) continue;  // grid x too large for a block per tile
         const v2::BlockModel m =
             forward ? v2::forward_block(P, TH, TW, splits) : v2::gather_block(P, TH, TW, splits);
         Plan c;

@@ -14,9 +14,9 @@ struct Tile {
   int hy0, hx0, hh, hw;         // low-res pixels their windows reach, clipped to the map
 };
 
-// Tile number blk of the grid (batch-major, then tile rows, then tile columns).
-__device__ __forceinline__ Tile tile_at(int64_t blk, const Params& P) {
+__device__ __forceinline__ Tile tile_of_block(const Params& P) {
   Tile t;
+  int64_t blk = blockIdx.x;
   const int tx = static_cast<int>(blk % P.tiles_x);
   blk /= P.tiles_x;
   const int ty = static_cast<int>(blk % P.tiles_y);
@@ -32,8 +32,6 @@ __device__ __forceinline__ Tile tile_at(int64_t blk, const Params& P) {
   t.hw = min(t.tx0 + t.cw + P.r, P.W) - t.hx0;
   return t;
 }
-
-__device__ __forceinline__ Tile tile_of_block(const Params& P) { return tile_at(blockIdx.x, P); }
 
 // Output point pt of a tile: points are numbered centre-major (pt = ci * s2 + si), so the s*s
 // points of one centre are neighbours in a warp and read the same k/v rows.

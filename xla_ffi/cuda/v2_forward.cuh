@@ -230,12 +230,8 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   extern __shared__ float4 shared4[];
   float* const wbuf = reinterpret_cast<float*>(shared4);
   float* const halo = wbuf + P.TH * P.TW * Sh::T * Sh::s2pad;
-  // Block = (tile, split): the P.splits blocks of a tile compute its weights alike and
-  // assemble a share of the value chunks each; the first writes the stats.
-  const int split = static_cast<int>(blockIdx.x % P.splits);
-  const Tile t = tile_at(blockIdx.x / P.splits, P);
+  const Tile t = tile_of_block(P);
   const PaddedHalo h = padded_halo(t, Sh::r);
-  const ChunkRange values = split_range(forward_chunks(P), P.splits, split);
 
   zero_shared(wbuf, t.ncent * Sh::T * Sh::s2pad);  // padded sub-pixels stay 0; d == 0 too
   __syncthreads();  // the chunk loop's barriers would do, but it has none when d == 0
@@ -251,10 +247,15 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     __syncthreads();  // halo is restaged next
   }
 
+  // Channel split (grid y, read only here so that no register holds it through the logits):
+  // the P.splits blocks of a tile compute its weights alike and assemble a share of the value
+  // chunks each; the first writes the stats.
+  const int split = static_cast<int>(blockIdx.y);
   // each thread touches only the points it accumulated
   normalise_points(wbuf, split == 0 ? stats : nullptr, t, P);
 
   // Assembly over the split's chunks of 64 value channels.
+  const ChunkRange values = split_range(forward_chunks(P), P.splits, split);
   const int c_end = min(P.C, values.end * kValueChunk);
   for (int c0 = values.begin * kValueChunk; c0 < c_end; c0 += kValueChunk) {
     const int width = min(kValueChunk, P.C - c0);

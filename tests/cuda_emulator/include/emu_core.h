@@ -37,7 +37,10 @@
 #define __launch_bounds__(...)
 #define __shared__
 
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct dim3 {  // CUDA's: a 3-d grid or block; the emulator runs grids of x * y blocks
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
 struct alignas(8) float2 { float x, y; };  // CUDA's alignment, checked by UBSan
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
@@ -68,7 +71,7 @@ constexpr int kDefaultShared = 48 * 1024;  // above this a kernel needs cudaFunc
 constexpr size_t kGuardFloats = 1024;      // NaN guard after dynamic shared memory
 constexpr size_t kStackBytes = 256 * 1024;
 
-struct Launch { unsigned grid; int block; size_t shared_bytes; int device; };
+struct Launch { unsigned grid; int block; size_t shared_bytes; int device; };  // grid: blocks
 
 enum class State { kRunning, kAtBlockBarrier, kAtWarpBarrier, kDone };
 struct Fiber { ucontext_t ctx; State state; };
@@ -165,10 +168,10 @@ inline bool guard_intact(size_t floats) {
 }
 
 struct Cfg {
-  unsigned grid; int block; size_t shared_bytes; int device;  // the stream's device
-  Cfg(unsigned g, int b, size_t s, const Stream* stream)
+  dim3 grid; int block; size_t shared_bytes; int device;  // the stream's device
+  Cfg(dim3 g, int b, size_t s, const Stream* stream)
       : grid(g), block(b), shared_bytes(s), device(stream ? stream->device : current_device) {}
-  Cfg(unsigned g, int b, size_t s = 0)
+  Cfg(dim3 g, int b, size_t s = 0)
       : grid(g), block(b), shared_bytes(s), device(current_device) {}
 };
 
@@ -186,7 +189,8 @@ __attribute__((noinline)) inline void init_fiber(int t) {
 
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
-  launches.push_back({cfg.grid, cfg.block, cfg.shared_bytes, cfg.device});
+  const unsigned blocks = cfg.grid.x * cfg.grid.y;
+  launches.push_back({blocks, cfg.block, cfg.shared_bytes, cfg.device});
   auto it = max_dynamic_shared.find({cfg.device, reinterpret_cast<const void*>(kernel)});
   const size_t allowed = it == max_dynamic_shared.end() ? kDefaultShared : it->second;
   if (cfg.device != current_device) {  // a GPU refuses a stream of another device
@@ -194,7 +198,8 @@ void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
                  ", current device " + std::to_string(current_device);
     return;
   }
-  if (cfg.grid == 0 || cfg.block <= 0 || cfg.block > 1024 || cfg.block % 32 != 0) {
+  if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.y > 65535 || cfg.grid.z != 1 ||
+      cfg.block <= 0 || cfg.block > 1024 || cfg.block % 32 != 0) {
     last_error = "invalid configuration argument";
     return;
   }
@@ -208,11 +213,11 @@ void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
   fibers.resize(cfg.block);
   stacks.resize(cfg.block);
   block_dim = dim3{unsigned(cfg.block), 1, 1};
-  grid_dim = dim3{cfg.grid, 1, 1};
+  grid_dim = dim3{cfg.grid.x, cfg.grid.y, 1};
   body = [&]() { kernel(args...); };
-  const std::vector<int> block_order = run_order(static_cast<int>(cfg.grid));
+  const std::vector<int> block_order = run_order(static_cast<int>(blocks));
   for (const int b : block_order) {
-    cur_block = dim3{unsigned(b), 0, 0};
+    cur_block = dim3{unsigned(b) % cfg.grid.x, unsigned(b) / cfg.grid.x, 0};
     float* f = reinterpret_cast<float*>(shared.data());
     std::fill(f, f + shared.size() * 4, std::nanf(""));
     for (int t = 0; t < cfg.block; ++t) init_fiber(t);
