@@ -110,6 +110,30 @@ inline double modelled_us(int64_t blocks, int per_sm, double block_instr, const 
   return waves * kTiledBlocksPerSm * block_instr / 4 / 1980.0;
 }
 
+// One v2 plan as the cost model sees it: a TH x TW tile split over `splits` blocks; not tiled
+// when it does not fit the device.
+inline Plan modelled_plan(Kernel kernel, const Params& P, const DeviceLimits& dev, int TH, int TW,
+                          int splits) {
+  Plan c;
+  const int64_t bytes = shared_floats(kernel, P, TH, TW) * int64_t{sizeof(float)};
+  const int per_sm = resident_blocks(bytes, dev);
+  const int64_t tiles = P.n * ((P.H + TH - 1) / TH) * ((P.W + TW - 1) / TW);
+  if (bytes > dev.optin || per_sm < 1 || tiles > 0x7fffffff) return c;  // grid x: a tile a block
+  const v2::BlockModel m = kernel == Kernel::kForwardV2 ? v2::forward_block(P, TH, TW, splits)
+                                                        : v2::gather_block(P, TH, TW, splits);
+  c.tiled = true;
+  c.TH = TH;
+  c.TW = TW;
+  c.splits = splits;
+  c.shared_bytes = static_cast<size_t>(bytes);
+  c.blocks = tiles * splits;
+  c.per_sm = per_sm;
+  c.waves = static_cast<double>(c.blocks) / (double{1} * dev.sms * per_sm);
+  c.halo_ratio = m.useful > 0 ? m.staged / m.useful : 0;
+  c.model_us = modelled_us(c.blocks, per_sm, m.instr, dev);
+  return c;
+}
+
 // The v2 planner: over tiles TH x TW (powers of two up to 16 x 32, clipped to the map and the
 // test cap) and channel splits (1 .. 8, at most the kernel's chunks), the plan of least modelled
 // time whose shared memory fits a block; a split must gain 10% on the best unsplit plan (the
@@ -133,26 +157,8 @@ inline Plan cost_plan(Kernel kernel, const Params& P, const DeviceLimits& dev) {
   for (int splits = forced > 0 ? max_splits : 1; splits <= max_splits; ++splits) {
     for (int ih = 0; ih < nh; ++ih) {
       for (int iw = 0; iw < nw; ++iw) {
-        const int TH = tiles_h[ih], TW = tiles_w[iw];
-        const int64_t bytes = shared_floats(kernel, P, TH, TW) * int64_t{sizeof(float)};
-        if (bytes > dev.optin) continue;
-        const int per_sm = resident_blocks(bytes, dev);
-        if (per_sm < 1) continue;
-        const int64_t tiles = P.n * ((P.H + TH - 1) / TH) * ((P.W + TW - 1) / TW);
-        if (tiles > 0x7fffffff) continue;  // grid x too large for a block per tile
-        const v2::BlockModel m =
-            forward ? v2::forward_block(P, TH, TW, splits) : v2::gather_block(P, TH, TW, splits);
-        Plan c;
-        c.tiled = true;
-        c.TH = TH;
-        c.TW = TW;
-        c.splits = splits;
-        c.shared_bytes = static_cast<size_t>(bytes);
-        c.blocks = tiles * splits;
-        c.per_sm = per_sm;
-        c.waves = static_cast<double>(c.blocks) / (double{1} * dev.sms * per_sm);
-        c.halo_ratio = m.useful > 0 ? m.staged / m.useful : 0;
-        c.model_us = modelled_us(c.blocks, per_sm, m.instr, dev);
+        const Plan c = modelled_plan(kernel, P, dev, tiles_h[ih], tiles_w[iw], splits);
+        if (!c.tiled) continue;
         Plan& slot = splits == 1 ? best_unsplit : best;
         if (!slot.tiled || c.model_us < slot.model_us) slot = c;
       }
