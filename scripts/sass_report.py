@@ -36,12 +36,17 @@ Runs without a GPU. Steps:
    timing shape), on an H100/H200 (132 SMs, 227 KiB opt-in and 228 KiB per SM: both have the
    same SM count and shared memory). Waves = blocks / (132 * resident blocks per SM), residency
    limited by shared memory (+1 KiB reserved per block), registers (from step 1) and threads.
+   The v2 kernels' plans come from the planner's cost model (xla_ffi/cuda/plan.h cost_plan):
+   tile and channel split of least modelled time, with the halo ratio and the modelled time.
 
 Output lines (parsed by tests/test_sass_report.py):
     LOOP <kernel>/<role>: <N> instructions per tap, <F> FFMA per tap
     STAGE <kernel>/<role>: <N> instructions per row
     KERNEL <kernel>: <R> registers, <S> spill bytes, <M> bytes static shared, <L> bytes local
-    PLAN <shape>/<kernel>: tile <TH>x<TW>, <B> blocks, <X> bytes shared, <P> per SM, <W> waves
+    PLAN <shape>/<kernel>: tile <TH>x<TW>, split <S>, <B> blocks, <X> bytes shared, <P> per SM,
+        <W> waves, halo <R>, model <M> us
+   (split: blocks per tile, each over a share of the channels; halo: staged / useful elements of
+   a block; model: the v2 planner's modelled time, "-" for the generic kernels it does not plan)
 
 Usage: python scripts/sass_report.py [--arch sm_90] [--generation 1|2|all] [--keep DIR]
 """
@@ -486,17 +491,28 @@ def _plans(kernels: list[str], kernel_regs: dict[str, int]) -> list[str]:
         lines = []
         for shape, (n, H, W) in SHAPES.items():
             for kernel in kernels:
-                tiled, TH, TW, smem, blocks = emu.plan(
+                p = emu.plan_details(
                     PLAN_KERNEL_INDEX[kernel], n, H, W, PRESET["s"], PRESET["K"], PRESET["d"],
                     PRESET["C"], H100_OPTIN, H100_PER_SM, H100_SMS)
-                if not tiled:
-                    lines.append(f"PLAN {shape}/{kernel}: simple kernel")
-                    continue
-                per_sm = resident_blocks(smem, kernel_regs.get(kernel, 0))
-                waves = blocks / (H100_SMS * per_sm) if per_sm else float("inf")
-                lines.append(f"PLAN {shape}/{kernel}: tile {TH}x{TW}, {blocks} blocks, "
-                             f"{smem} bytes shared, {per_sm} per SM, {waves:.2f} waves")
+                lines.append(plan_line(shape, kernel, p, kernel_regs.get(kernel, 0)))
         return lines
+
+
+def plan_line(shape: str, kernel: str, p: dict, registers: int) -> str:
+    """One PLAN line. Generic kernels: halo = clipped halo pixels per tile pixel, no model (the
+    cost model plans only the v2 kernels); v2: the planner's halo ratio and modelled time."""
+    if not p["tiled"]:
+        return f"PLAN {shape}/{kernel}: simple kernel"
+    TH, TW, r = p["TH"], p["TW"], PRESET["K"] // 2
+    per_sm = resident_blocks(p["shared_bytes"], registers)
+    waves = p["blocks"] / (H100_SMS * per_sm) if per_sm else float("inf")
+    if p["model_us"] > 0:
+        halo, model = p["halo_ratio"], f"{p['model_us']:.1f} us"
+    else:
+        halo, model = (TH + 2 * r) * (TW + 2 * r) / (TH * TW), "-"
+    return (f"PLAN {shape}/{kernel}: tile {TH}x{TW}, split {p['splits']}, {p['blocks']} blocks, "
+            f"{p['shared_bytes']} bytes shared, {per_sm} per SM, {waves:.2f} waves, "
+            f"halo {halo:.2f}, model {model}")
 
 
 def report(arch: str, keep: pathlib.Path | None, with_plans: bool = True,

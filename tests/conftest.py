@@ -52,7 +52,8 @@ def random_qkv(seed, batch, height, width, scale, dim, channels, dtype=np.float3
 @pytest.fixture(scope="session")
 def emu_module(tmp_path_factory):
     """The CUDA emulator (tests/cuda_emulator), built once per session for every test file that
-    runs the SAPA CUDA kernels on it (test_cuda_emulated.py, test_cuda_v2_emulated.py)."""
+    runs the SAPA CUDA kernels on it (test_cuda_emulated.py, test_cuda_v2_emulated.py,
+    test_cuda_plan_emulated.py)."""
     from cuda_emulator import build as emu_build  # tests/ is on sys.path (rootdir conftest)
     try:
         return emu_build.build(tmp_path_factory.mktemp("cuda_emulator"))
@@ -63,3 +64,19 @@ def emu_module(tmp_path_factory):
     except emu_build.TransformMismatch as e:
         pytest.fail(f"the CUDA sources no longer match tests/cuda_emulator/transform.py: {e}",
                     pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def carafe_emu_module(tmp_path_factory):
+    """The CARAFE kernels on the CUDA emulator, built once per session
+    (test_carafe_cuda_emulated.py, test_cuda_plan_emulated.py)."""
+    from cuda_emulator import build as emu_build
+    try:
+        return emu_build.build_carafe(tmp_path_factory.mktemp("carafe_cuda_emulator"))
+    except emu_build.ToolMissing as e:
+        pytest.skip(f"cannot build the CUDA emulator: {e}")
+    except emu_build.BuildFailed as e:
+        pytest.fail(str(e), pytrace=False)
+    except emu_build.TransformMismatch as e:
+        pytest.fail(f"xla_ffi/carafe_cuda.cu no longer matches tests/cuda_emulator/transform.py: "
+                    f"{e}", pytrace=False)

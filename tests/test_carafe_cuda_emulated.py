@@ -24,19 +24,6 @@ from test_cuda_emulated import BF16, TOL, guarded, guards_intact  # noqa: E402
 import kernel_cases  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def carafe_emu_module(tmp_path_factory):
-    try:
-        return emu_build.build_carafe(tmp_path_factory.mktemp("carafe_cuda_emulator"))
-    except emu_build.ToolMissing as e:
-        pytest.skip(f"cannot build the CUDA emulator: {e}")
-    except emu_build.BuildFailed as e:
-        pytest.fail(str(e), pytrace=False)
-    except emu_build.TransformMismatch as e:
-        pytest.fail(f"xla_ffi/carafe_cuda.cu no longer matches tests/cuda_emulator/transform.py: "
-                    f"{e}", pytrace=False)
-
-
 @pytest.fixture
 def emu(carafe_emu_module, capfd):
     """Default schedule, every barrier in place; fails on any UBSan report meanwhile."""

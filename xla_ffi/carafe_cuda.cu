@@ -254,7 +254,7 @@ template <typename T>
 ffi::Error launch_forward(cudaStream_t stream, const CarafeParams& P, const void* x,
                           const void* logits, void* out, void* stats) {
   const int64_t npts = P.n * P.oH * int64_t{P.oW};
-  carafe_forward_simple<T><<<grid_for(npts, kWarps), kThreads, 0, stream>>>(
+  carafe_forward_simple<T><<<grid_for(stream, npts, kWarps), kThreads, 0, stream>>>(
       P, static_cast<const T*>(x), static_cast<const T*>(logits), static_cast<T*>(out),
       static_cast<float*>(stats));
   return launch_error("CARAFE", "carafe_forward_simple");
@@ -265,14 +265,16 @@ ffi::Error launch_backward(cudaStream_t stream, const CarafeParams& P, const voi
                            const void* logits, const void* stats, const void* g, void* dx,
                            void* dlogits, void* w) {
   const int64_t npts = P.n * P.oH * int64_t{P.oW};
-  carafe_backward_points_simple<T><<<grid_for(npts, kWarps), kThreads, 0, stream>>>(
+  const unsigned grid1 = grid_for(stream, npts, kWarps);
+  carafe_backward_points_simple<T><<<grid1, kThreads, 0, stream>>>(
       P, static_cast<const T*>(x), static_cast<const T*>(logits),
       static_cast<const float*>(stats), static_cast<const T*>(g), static_cast<T*>(dlogits),
       static_cast<float*>(w));
   if (auto err = launch_error("CARAFE", "carafe_backward_points_simple"); err.failure()) return err;
   const int64_t items = P.n * P.H * int64_t{P.W} * P.C;
   if (items == 0) return ffi::Error::Success();
-  carafe_backward_gather_simple<T><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
+  const unsigned grid2 = grid_for(stream, items, kThreads);
+  carafe_backward_gather_simple<T><<<grid2, kThreads, 0, stream>>>(
       P, static_cast<const T*>(g), static_cast<const float*>(w), static_cast<T*>(dx));
   return launch_error("CARAFE", "carafe_backward_gather_simple");
 }
@@ -336,9 +338,13 @@ ffi::Error CarafeBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::An
 
 }  // namespace
 
+// Command-buffer compatible: a call only launches kernels on the stream (no synchronisation,
+// allocation or environment; the device's limits are queried once, cuda/runtime.h).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CarafeForwardCuda, CarafeForwardCudaImpl,
-    sapa::bind_carafe_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+    sapa::bind_carafe_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CarafeBackwardCuda, CarafeBackwardCudaImpl,
-    sapa::bind_carafe_backward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+    sapa::bind_carafe_backward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});

@@ -113,7 +113,7 @@ ffi::Error DeformForwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scra
   if (logit == nullptr) return failed;
   return dispatch(q.element_type(), [&](auto t) {
     using T = decltype(t);
-    sapa::cuda::deform_forward<T><<<grid_for(npts, kWarps), kThreads, 0, stream>>>(
+    sapa::cuda::deform_forward<T><<<grid_for(stream, npts, kWarps), kThreads, 0, stream>>>(
         g, in<T>(q), in<T>(k), in<T>(v), in<T>(offsets), out<T>(result), logit);
     return launch_error("SAPA-D", "deform_forward");
   });
@@ -141,9 +141,12 @@ ffi::Error DeformBackwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scr
   const DeformWorkspace ws{base, base + per, base + 2 * per,
                            reinterpret_cast<int*>(base + 3 * per)};
   const int cap = static_cast<int>(g.H > g.W ? g.H : g.W);
+  const int64_t items = pixels * g.G * (g.E + g.Cg);
+  const unsigned point_grid = grid_for(stream, npts, kWarps);
+  const unsigned gather_grid = grid_for(stream, items, kThreads);
   return dispatch(q.element_type(), [&](auto t) {
     using T = decltype(t);
-    sapa::cuda::deform_backward_points<T><<<grid_for(npts, kWarps), kThreads, 0, stream>>>(
+    sapa::cuda::deform_backward_points<T><<<point_grid, kThreads, 0, stream>>>(
         g, in<T>(q), in<T>(k), in<T>(v), in<T>(offsets), in<T>(gout), out<T>(dq),
         out<T>(doffsets), ws);
     if (auto err = launch_error("SAPA-D", "deform_backward_points"); err.failure()) return err;
@@ -151,9 +154,8 @@ ffi::Error DeformBackwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scr
         <<<static_cast<unsigned>(g.n), kThreads, kWarps * sizeof(float), stream>>>(
             g, in<T>(offsets), ws.radius, cap);
     if (auto err = launch_error("SAPA-D", "deform_window_radius"); err.failure()) return err;
-    const int64_t items = pixels * g.G * (g.E + g.Cg);
     if (items == 0) return ffi::Error::Success();
-    sapa::cuda::deform_backward_gather<T><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
+    sapa::cuda::deform_backward_gather<T><<<gather_grid, kThreads, 0, stream>>>(
         g, in<T>(q), in<T>(offsets), in<T>(gout), out<T>(dk), out<T>(dv), ws);
     return launch_error("SAPA-D", "deform_backward_gather");
   });

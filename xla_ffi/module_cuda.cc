@@ -46,11 +46,13 @@ PYBIND11_MODULE(_sapa_cuda, m) {
         "Attribute codes and supported dtypes of the CUDA handlers.");
   m.def(
       "set_planner",
-      [](bool force_simple, int tile_cap) {
-        sapa::set_cuda_planner(sapa::PlannerSettings{force_simple, tile_cap});
+      [](bool force_simple, int tile_cap, int channel_split) {
+        sapa::set_cuda_planner(sapa::PlannerSettings{force_simple, tile_cap, channel_split});
       },
       py::arg("force_simple") = false, py::arg("tile_cap") = 1 << 20,
-      "Test-only: take the simple kernels for every call, or cap the tiles at tile_cap^2.");
+      py::arg("channel_split") = 0,
+      "Test-only: take the simple kernels for every call, cap the tiles at tile_cap^2, or "
+      "split the v2 kernels' channels over channel_split blocks per tile (0: the cost model).");
   m.def("set_kernel_generation", &sapa::set_cuda_kernel_generation, py::arg("generation"),
         "2 (default): the specialised v2 kernels where they apply; 1: the generic kernels only. "
         "Returns the previous generation.");

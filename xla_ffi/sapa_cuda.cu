@@ -8,7 +8,8 @@
 //   forward.cuh          forward_tiled, forward_simple
 //   backward_points.cuh  backward pass 1: backward_points_tiled, backward_points_simple
 //   backward_gather.cuh  backward pass 2: backward_gather_tiled, backward_gather_simple
-//   plan.h               host: problem parameters, device limits, the tile planner
+//   plan.h               host: problem parameters and the tile planners (v2: cost model)
+//   runtime.h            host: device of the stream, limits and opt-ins, once per device
 //
 // Tiled kernels (the normal path). A block owns a tile of TH x TW low-res centres, i.e. the
 // s*TH x s*TW output points whose windows are centred on them, and stages the low-res halo the
@@ -64,13 +65,12 @@ ffi::Error launch_error(const char* what) {
                               " launch failed: " + cudaGetErrorString(err));
 }
 
-// Shared memory above the 48 KiB default needs an opt-in per kernel.
+// Shared memory above the 48 KiB default needs an opt-in, set once per device and kernel
+// (cuda/runtime.h).
 template <typename Fn>
-ffi::Error allow_shared(Fn* kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return ffi::Error::Success();
-  const cudaError_t err = cudaFuncSetAttribute(
-      reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(bytes));
+ffi::Error allow_shared(Fn* kernel, size_t bytes, const DeviceLimits& dev) {
+  const cudaError_t err =
+      allow_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes, dev);
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("cudaFuncSetAttribute failed: ") +
                                 cudaGetErrorString(err));
@@ -78,6 +78,12 @@ ffi::Error allow_shared(Fn* kernel, size_t bytes) {
 }
 
 // ---- second-generation kernels (cuda/v2_plan.h): one launcher per (K, s) specialisation ----
+
+// Grid of a v2 kernel: x the tiles, y the channel split (plan.h).
+dim3 v2_grid(const Plan& plan) {
+  return dim3(static_cast<unsigned>(plan.blocks / plan.splits),
+              static_cast<unsigned>(plan.splits));
+}
 
 // Launch<K, S>::run(args...) for the specialisation of (K, s); v2::specialised(K, s) holds.
 template <template <int, int> class Launch, typename... Args>
@@ -100,12 +106,14 @@ ffi::Error by_shape(int K, int s, const Args&... args) {
 
 template <typename T> struct ForwardV2 {
   template <int K, int S> struct At {
-    static ffi::Error run(cudaStream_t stream, const Params& P, const Plan& plan, const T* q,
-                          const T* k, const T* v, T* out, float* stats) {
-      if (auto err = allow_shared(v2::forward_v2<T, K, S>, plan.shared_bytes); err.failure())
+    static ffi::Error run(cudaStream_t stream, const DeviceLimits& dev, const Params& P,
+                          const Plan& plan, const T* q, const T* k, const T* v, T* out,
+                          float* stats) {
+      if (auto err = allow_shared(v2::forward_v2<T, K, S>, plan.shared_bytes, dev);
+          err.failure())
         return err;
-      v2::forward_v2<T, K, S><<<static_cast<unsigned>(plan.blocks), kThreads, plan.shared_bytes,
-                                stream>>>(P, q, k, v, out, stats);
+      v2::forward_v2<T, K, S><<<v2_grid(plan), kThreads, plan.shared_bytes, stream>>>(
+          P, q, k, v, out, stats);
       return launch_error("forward_v2");
     }
   };
@@ -113,13 +121,14 @@ template <typename T> struct ForwardV2 {
 
 template <typename T> struct GatherV2 {
   template <int K, int S> struct At {
-    static ffi::Error run(cudaStream_t stream, const Params& P, const Plan& plan, const T* q,
-                          const T* g, const float* w, const float* dlogit, T* dk, T* dv) {
-      if (auto err = allow_shared(v2::backward_gather_v2<T, K, S>, plan.shared_bytes);
+    static ffi::Error run(cudaStream_t stream, const DeviceLimits& dev, const Params& P,
+                          const Plan& plan, const T* q, const T* g, const float* w,
+                          const float* dlogit, T* dk, T* dv) {
+      if (auto err = allow_shared(v2::backward_gather_v2<T, K, S>, plan.shared_bytes, dev);
           err.failure())
         return err;
-      v2::backward_gather_v2<T, K, S><<<static_cast<unsigned>(plan.blocks), kThreads,
-                                        plan.shared_bytes, stream>>>(P, q, g, w, dlogit, dk, dv);
+      v2::backward_gather_v2<T, K, S><<<v2_grid(plan), kThreads, plan.shared_bytes, stream>>>(
+          P, q, g, w, dlogit, dk, dv);
       return launch_error("backward_gather_v2");
     }
   };
@@ -136,12 +145,14 @@ ffi::Error launch_forward(cudaStream_t stream, const Params& base, const DeviceL
   if (v2::use_forward(base)) {
     const Plan plan2 = make_plan(Kernel::kForwardV2, base, dev);
     if (plan2.tiled)
-      return by_shape<ForwardV2<T>::template At>(base.K, base.s, stream, with_tile(base, plan2),
-                                                 plan2, qt, kt, vt, static_cast<T*>(out),
+      return by_shape<ForwardV2<T>::template At>(base.K, base.s, stream, dev,
+                                                 with_tile(base, plan2), plan2, qt, kt, vt,
+                                                 static_cast<T*>(out),
                                                  static_cast<float*>(stats));
   }
   if (plan.tiled) {
-    if (auto err = allow_shared(forward_tiled<T>, plan.shared_bytes); err.failure()) return err;
+    if (auto err = allow_shared(forward_tiled<T>, plan.shared_bytes, dev); err.failure())
+      return err;
     forward_tiled<T><<<static_cast<unsigned>(plan.blocks), kThreads, plan.shared_bytes, stream>>>(
         P, qt, kt, vt, static_cast<T*>(out), static_cast<float*>(stats));
     return launch_error("forward_tiled");
@@ -169,7 +180,7 @@ ffi::Error launch_backward(cudaStream_t stream, const Params& base, const Device
   const Plan plan1 = make_plan(Kernel::kBackwardPoints, base, dev);
   const Params P1 = with_tile(base, plan1);
   if (plan1.tiled) {
-    if (auto err = allow_shared(backward_points_tiled<T>, plan1.shared_bytes); err.failure())
+    if (auto err = allow_shared(backward_points_tiled<T>, plan1.shared_bytes, dev); err.failure())
       return err;
     backward_points_tiled<T>
         <<<static_cast<unsigned>(plan1.blocks), kThreads, plan1.shared_bytes, stream>>>(
@@ -186,7 +197,7 @@ ffi::Error launch_backward(cudaStream_t stream, const Params& base, const Device
   if (v2::use_gather(base)) {
     const Plan plan = make_plan(Kernel::kBackwardGatherV2, base, dev);
     if (plan.tiled)
-      return by_shape<GatherV2<T>::template At>(base.K, base.s, stream, with_tile(base, plan),
+      return by_shape<GatherV2<T>::template At>(base.K, base.s, stream, dev, with_tile(base, plan),
                                                 plan, qt, gt, static_cast<const float*>(ws),
                                                 static_cast<const float*>(ds),
                                                 static_cast<T*>(dk), static_cast<T*>(dv));
@@ -194,7 +205,7 @@ ffi::Error launch_backward(cudaStream_t stream, const Params& base, const Device
   const Plan plan2 = make_plan(Kernel::kBackwardGather, base, dev);
   const Params P2 = with_tile(base, plan2);
   if (plan2.tiled) {
-    if (auto err = allow_shared(backward_gather_tiled<T>, plan2.shared_bytes); err.failure())
+    if (auto err = allow_shared(backward_gather_tiled<T>, plan2.shared_bytes, dev); err.failure())
       return err;
     backward_gather_tiled<T>
         <<<static_cast<unsigned>(plan2.blocks), kThreads, plan2.shared_bytes, stream>>>(
@@ -235,8 +246,8 @@ std::string make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
 int64_t output_points(const Params& P) { return P.n * P.oH * int64_t{P.oW}; }
 
 // The limits of the stream's device; an ffi::Error when they cannot be queried.
-ffi::Error query_device(DeviceLimits* dev) {
-  const std::string error = device_limits(dev);
+ffi::Error query_device(cudaStream_t stream, DeviceLimits* dev) {
+  const std::string error = device_limits(stream, dev);
   return error.empty() ? ffi::Error::Success() : ffi::Error::Internal(error);
 }
 
@@ -254,7 +265,7 @@ ffi::Error forward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (!error.empty()) return ffi::Error::InvalidArgument("sapa_forward: " + error);
   if (output_points(P) == 0) return ffi::Error::Success();
   DeviceLimits dev;
-  if (auto err = query_device(&dev); err.failure()) return err;
+  if (auto err = query_device(stream, &dev); err.failure()) return err;
   switch (q.element_type()) {
     case ffi::DataType::F32:
       return launch_forward<float>(stream, P, dev, q.untyped_data(), k.untyped_data(),
@@ -286,7 +297,7 @@ ffi::Error backward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   const ffi::DataType type = q.element_type();
   if (output_points(P) == 0) return ffi::Error::Success();
   DeviceLimits dev;
-  if (auto err = query_device(&dev); err.failure()) return err;
+  if (auto err = query_device(stream, &dev); err.failure()) return err;
   switch (type) {
     case ffi::DataType::F32:
       return launch_backward<float>(stream, P, dev, q.untyped_data(), k.untyped_data(),
@@ -317,15 +328,22 @@ int set_cuda_kernel_generation(int generation) {
 void set_cuda_planner(const PlannerSettings& settings) {
   cuda::force_simple_setting.store(settings.force_simple);
   cuda::tile_cap_setting.store(std::max(settings.tile_cap, 1));
+  cuda::channel_split_setting.store(std::max(settings.channel_split, 0));
 }
 }  // namespace sapa
 
-// XLA's stream, then the signature shared with the CPU handlers (sapa_handlers.h).
+// XLA's stream, then the signature shared with the CPU handlers (sapa_handlers.h). Command-buffer
+// compatible: a call only launches kernels on the stream (no synchronisation, no allocation, no
+// environment); the per-device state it keeps is set once (cuda/runtime.h), and its plan is a
+// function of the shapes, the device and the test-only planner settings, which a captured
+// command buffer replays as they were when it was captured.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     SapaForwardCuda, sapa::cuda::forward,
-    sapa::bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+    sapa::bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     SapaBackwardCuda, sapa::cuda::backward,
-    sapa::bind_backward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+    sapa::bind_backward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
 
 

@@ -63,10 +63,13 @@ template <typename Binding> auto bind_backward(Binding binding) {
 // (nothing in xla_ffi/ reads the environment). CPU: the most workers one call splits its work
 // over (0: the thread pool's size plus the calling thread).
 void set_cpu_max_workers(int64_t workers);
-// CUDA tile planner: every call takes the simple kernels; tiles capped at cap x cap centres.
+// CUDA tile planner: every call takes the simple kernels; tiles capped at cap x cap centres;
+// channel_split n > 0: the v2 kernels split each tile's channels over n blocks (at most one per
+// channel chunk), 0: as the cost model decides.
 struct PlannerSettings {
   bool force_simple = false;
   int tile_cap = 1 << 20;
+  int channel_split = 0;
 };
 void set_cuda_planner(const PlannerSettings& settings);
 // Kernel generation of the CUDA module (cuda/v2_plan.h): 2 (default) the specialised kernels

@@ -57,8 +57,8 @@ def build(out_dir: pathlib.Path):
     return _compile(out_dir, MODULE, sources, HERE / "emu_module.cc")
 
 
-# The CARAFE kernels: their .cu and the one kernel-layer header they use (it has no barriers).
-CARAFE_SOURCES = ("carafe_cuda.cu", "cuda/device.cuh")
+# The CARAFE kernels: their .cu and the kernel-layer headers they use (they have no barriers).
+CARAFE_SOURCES = ("carafe_cuda.cu", "cuda/device.cuh", "cuda/runtime.h")
 CARAFE_MODULE = "carafe_cuda_emu"
 
 

@@ -18,17 +18,17 @@ std::string forward(py::array x, py::array logits, py::array out, py::array stat
                     int64_t kernel_size, int64_t scale, int64_t groups, int64_t normalizer,
                     double eps) {
   Buf bx(x), bl(logits), bo(out), bs(stats);
-  return message(CarafeForwardCudaImpl(nullptr, bx.any(), bl.any(), bo.any(), bs.any(),
-                                       kernel_size, scale, groups, normalizer, eps));
+  return message(CarafeForwardCudaImpl(emu::handler_stream(), bx.any(), bl.any(), bo.any(),
+                                       bs.any(), kernel_size, scale, groups, normalizer, eps));
 }
 
 std::string backward(py::array x, py::array logits, py::array stats, py::array g, py::array dx,
                      py::array dlogits, py::array w_scratch, int64_t kernel_size, int64_t scale,
                      int64_t groups, int64_t normalizer, double eps) {
   Buf bx(x), bl(logits), bs(stats), bg(g), bdx(dx), bdl(dlogits), bw(w_scratch);
-  return message(CarafeBackwardCudaImpl(nullptr, bx.any(), bl.any(), bs.any(), bg.any(),
-                                        bdx.any(), bdl.any(), bw.any(), kernel_size, scale,
-                                        groups, normalizer, eps));
+  return message(CarafeBackwardCudaImpl(emu::handler_stream(), bx.any(), bl.any(), bs.any(),
+                                        bg.any(), bdx.any(), bdl.any(), bw.any(), kernel_size,
+                                        scale, groups, normalizer, eps));
 }
 
 }  // namespace

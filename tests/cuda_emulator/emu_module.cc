@@ -22,8 +22,9 @@ std::string forward(py::array q, py::array k, py::array v, py::array out, py::ar
                     int64_t kernel_size, int64_t scale, int64_t normalizer, int64_t border,
                     double eps) {
   Buf bq(q), bk(k), bv(v), bo(out), bs(stats);
-  return message(sapa::cuda::forward(nullptr, bq.any(), bk.any(), bv.any(), bo.any(), bs.any(),
-                                     kernel_size, scale, normalizer, border, eps));
+  return message(sapa::cuda::forward(emu::handler_stream(), bq.any(), bk.any(), bv.any(),
+                                     bo.any(), bs.any(), kernel_size, scale, normalizer, border,
+                                     eps));
 }
 
 std::string backward(py::array q, py::array k, py::array v, py::array stats, py::array g,
@@ -32,9 +33,37 @@ std::string backward(py::array q, py::array k, py::array v, py::array stats, py:
                      int64_t normalizer, int64_t border, double eps) {
   Buf bq(q), bk(k), bv(v), bs(stats), bg(g), bdq(dq), bdk(dk), bdv(dv), bw(w_scratch),
       bd(dlogit_scratch);
-  return message(sapa::cuda::backward(nullptr, bq.any(), bk.any(), bv.any(), bs.any(), bg.any(),
-                                      bdq.any(), bdk.any(), bdv.any(), bw.any(), bd.any(),
+  return message(sapa::cuda::backward(emu::handler_stream(), bq.any(), bk.any(), bv.any(),
+                                      bs.any(), bg.any(), bdq.any(), bdk.any(), bdv.any(),
+                                      bw.any(), bd.any(),
                                       kernel_size, scale, normalizer, border, eps));
+}
+
+// The v2 planner's whole plan (plan.h's Plan) for one problem on a device with the given limits;
+// kernel 3 forward_v2, 4 backward_gather_v2. TH > 0: the model's view of that tile and split
+// instead of the planner's choice.
+py::dict plan_details(int kernel, int64_t n, int H, int W, int s, int K, int d, int C,
+                      int optin, int per_sm, int sms, int TH, int TW, int splits) {
+  using namespace sapa::cuda;
+  const Params P = problem_params(n, H, W, s, K, d, C, 0, 0, 1e-6f, true);
+  DeviceLimits dev;
+  dev.optin = optin;
+  dev.per_sm = per_sm;
+  dev.sms = sms;
+  const Plan p = TH > 0 ? modelled_plan(static_cast<Kernel>(kernel), P, dev, TH, TW, splits)
+                       : make_plan(static_cast<Kernel>(kernel), P, dev);
+  py::dict out;
+  out["tiled"] = p.tiled;
+  out["TH"] = p.TH;
+  out["TW"] = p.TW;
+  out["splits"] = p.splits;
+  out["shared_bytes"] = p.shared_bytes;
+  out["blocks"] = p.blocks;
+  out["per_sm"] = p.per_sm;
+  out["waves"] = p.waves;
+  out["halo_ratio"] = p.halo_ratio;
+  out["model_us"] = p.model_us;
+  return out;
 }
 
 // The tile planner's choice for one problem on a device with the given limits:
@@ -93,6 +122,10 @@ py::tuple logit_gradients(int64_t normalizer, int64_t border, double eps,
 PYBIND11_MODULE(sapa_cuda_emu, m) {
   m.def("forward", &forward);
   m.def("plan", &plan);
+  m.def("plan_details", &plan_details, py::arg("kernel"), py::arg("n"), py::arg("H"),
+        py::arg("W"), py::arg("s"), py::arg("K"), py::arg("d"), py::arg("C"), py::arg("optin"),
+        py::arg("per_sm"), py::arg("sms"), py::arg("TH") = 0, py::arg("TW") = 0,
+        py::arg("splits") = 1);
   m.def("backward", &backward);
   m.def("logit_gradients_f32", &logit_gradients<float>);
   m.def("logit_gradients_f64", &logit_gradients<double>);
@@ -101,10 +134,11 @@ PYBIND11_MODULE(sapa_cuda_emu, m) {
   // The planner settings of the CUDA module's set_planner (sapa_handlers.h).
   m.def(
       "set_planner",
-      [](bool force_simple, int tile_cap) {
-        sapa::set_cuda_planner(sapa::PlannerSettings{force_simple, tile_cap});
+      [](bool force_simple, int tile_cap, int channel_split) {
+        sapa::set_cuda_planner(sapa::PlannerSettings{force_simple, tile_cap, channel_split});
       },
-      py::arg("force_simple") = false, py::arg("tile_cap") = 1 << 20);
+      py::arg("force_simple") = false, py::arg("tile_cap") = 1 << 20,
+      py::arg("channel_split") = 0);
   // The CUDA module's set_kernel_generation (sapa_handlers.h): 1 generic kernels, 2 v2.
   m.def("set_kernel_generation", &sapa::set_cuda_kernel_generation, py::arg("generation"));
 }

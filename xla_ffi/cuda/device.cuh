@@ -41,6 +41,7 @@ struct Params {
   int tiles_y, tiles_x;   // tile grid per image
   int vstride;            // shared row stride of the forward value chunks
   int vec_q;              // q rows can be read as aligned 4-element vectors
+  int splits;             // v2 kernels: blocks per tile, each over a share of the channel chunks
 };
 
 

@@ -9,16 +9,16 @@
 #include <cstdint>
 #include <string>
 
+#include "cuda/runtime.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace sapa::cuda {
 
-// Grid of a grid-stride kernel: enough blocks to fill the device a few times over.
-inline unsigned grid_for(int64_t work_items, int per_block) {
-  int dev = 0, sms = 1;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    sms = 1;
+// Grid of a grid-stride kernel on the stream's device: enough blocks to fill it a few times over
+// (its multiprocessors queried once per device, cuda/runtime.h; 1 if they cannot be).
+inline unsigned grid_for(cudaStream_t stream, int64_t work_items, int per_block) {
+  DeviceLimits dev;
+  const int sms = device_limits(stream, &dev).empty() ? dev.sms : 1;
   const int64_t needed = (work_items + per_block - 1) / per_block;
   return static_cast<unsigned>(
       std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{std::max(sms, 1)} * 32)));

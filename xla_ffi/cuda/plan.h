@@ -1,7 +1,9 @@
-// Launch planning of the CUDA kernels (host code): the problem parameters from validated sizes,
-// the device's shared-memory limits, and the tile planner that picks, per kernel, the largest
-// tile that leaves room for kTiledBlocksPerSm blocks per multiprocessor, or the simple kernel.
-// Test-only planner settings (sapa::set_cuda_planner) are read once per plan.
+// Launch planning of the CUDA kernels (host code): the problem parameters from validated sizes
+// and the tile planners. Generic kernels: the largest tile that leaves room for
+// kTiledBlocksPerSm blocks per multiprocessor, or the simple kernel. v2 kernels: the tile and
+// channel split of least modelled time (waves x the modelled block, cost_plan below). Device
+// limits and shared-memory opt-ins: cuda/runtime.h. Test-only planner settings
+// (sapa::set_cuda_planner) are read once per plan.
 #ifndef SAPA_JAX_XLA_FFI_CUDA_PLAN_H_
 #define SAPA_JAX_XLA_FFI_CUDA_PLAN_H_
 
@@ -9,11 +11,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
 #include "cuda/device.cuh"
+#include "cuda/runtime.h"
 #include "cuda/v2_plan.h"
 
 namespace sapa::cuda {
@@ -25,8 +29,13 @@ enum class Kernel { kForward, kBackwardPoints, kBackwardGather, kForwardV2, kBac
 struct Plan {
   bool tiled = false;
   int TH = 0, TW = 0;
+  int splits = 1;          // blocks per tile (v2 channel split)
   size_t shared_bytes = 0;
   int64_t blocks = 0;
+  int per_sm = 0;          // resident blocks per multiprocessor (shared memory, registers)
+  double waves = 0;        // blocks / (SMs x per_sm)
+  double halo_ratio = 0;   // staged / useful elements of a block (v2 plans)
+  double model_us = 0;     // modelled time (v2 plans)
 };
 
 // The problem part of the parameters (the tile is set by with_tile), from validated sizes.
@@ -52,6 +61,7 @@ inline Params problem_params(int64_t n, int H, int W, int s, int K, int d, int C
   P.TH = P.TW = P.tiles_y = P.tiles_x = 1;
   P.vstride = C > kChunk ? kValueChunk : kChunk;
   P.vec_q = d % 4 == 0 && q_aligned;
+  P.splits = 1;
   return P;
 }
 
@@ -77,56 +87,97 @@ inline int64_t shared_floats(Kernel kernel, const Params& P, int64_t TH, int64_t
   return 0;
 }
 
-struct DeviceLimits {
-  int optin = 48 * 1024;     // max dynamic shared memory per block (opt-in)
-  int per_sm = 100 * 1024;   // shared memory per multiprocessor
-  int sms = 1;
-};
-
-// Queried once per device; the runtime's current device is the one of XLA's stream. "" on
-// success, else what failed.
-inline std::string device_limits(DeviceLimits* out) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached_optin[kMaxDevices];  // 0 = not queried yet
-  static std::atomic<int> cached_per_sm[kMaxDevices];
-  static std::atomic<int> cached_sms[kMaxDevices];
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return std::string("cudaGetDevice failed: ") + cudaGetErrorString(err);
-  if (dev >= 0 && dev < kMaxDevices && cached_optin[dev].load() > 0) {
-    out->optin = cached_optin[dev].load();
-    out->per_sm = cached_per_sm[dev].load();
-    out->sms = cached_sms[dev].load();
-    return std::string();
-  }
-  int optin = 0, per_sm = 0, sms = 0;
-  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess)
-    return std::string("cudaDeviceGetAttribute failed: ") + cudaGetErrorString(err);
-  out->optin = std::max(optin, 48 * 1024);
-  out->per_sm = std::max(per_sm, out->optin);
-  out->sms = std::max(sms, 1);
-  if (dev >= 0 && dev < kMaxDevices) {
-    cached_per_sm[dev].store(out->per_sm);
-    cached_sms[dev].store(out->sms);
-    cached_optin[dev].store(out->optin);  // last: readers test it
-  }
-  return std::string();
-}
-
 // sapa::set_cuda_planner (tests, through the pybind11 module): read once per make_plan.
 inline std::atomic<bool> force_simple_setting{false};
 inline std::atomic<int> tile_cap_setting{1 << 20};
+inline std::atomic<int> channel_split_setting{0};  // 0: the cost model's; n: n where possible
 
-// Picks the tile for a tiled kernel: the largest candidate (at most kMaxTilePoints output points)
-// whose shared memory lets about three blocks share a multiprocessor; failing that the largest
-// that fits a block at all; failing that (huge K or s) the simple kernel.
+// Resident blocks per multiprocessor of a tiled kernel: its registers allow kTiledBlocksPerSm
+// (__launch_bounds__), its shared memory (plus the 1 KiB the hardware reserves per block) and
+// the 2048 threads of a multiprocessor may allow fewer.
+inline int resident_blocks(int64_t shared_bytes, const DeviceLimits& dev) {
+  const int64_t by_shared = dev.per_sm / (shared_bytes + 1024);
+  return static_cast<int>(std::min<int64_t>({by_shared, kTiledBlocksPerSm, 2048 / kThreads}));
+}
+
+// Modelled time of a grid on the device: each wave of SMs x per_sm blocks takes as long as
+// kTiledBlocksPerSm modelled blocks issued at 4 warp instructions per cycle (a full SM of this
+// kernel; an SM holding fewer blocks is assumed latency-bound at the same time per block), at
+// 1.98 GHz (H100 / H200 SXM boost clock). A last, partial wave costs a whole one.
+inline double modelled_us(int64_t blocks, int per_sm, double block_instr, const DeviceLimits& d) {
+  const double slots = double{1} * d.sms * per_sm;
+  const double waves = std::ceil(static_cast<double>(blocks) / slots);
+  return waves * kTiledBlocksPerSm * block_instr / 4 / 1980.0;
+}
+
+// One v2 plan as the cost model sees it: a TH x TW tile split over `splits` blocks; not tiled
+// when it does not fit the device.
+inline Plan modelled_plan(Kernel kernel, const Params& P, const DeviceLimits& dev, int TH, int TW,
+                          int splits) {
+  Plan c;
+  const int64_t bytes = shared_floats(kernel, P, TH, TW) * int64_t{sizeof(float)};
+  const int per_sm = resident_blocks(bytes, dev);
+  const int64_t tiles = P.n * ((P.H + TH - 1) / TH) * ((P.W + TW - 1) / TW);
+  if (bytes > dev.optin || per_sm < 1 || tiles > 0x7fffffff) return c;  // grid x: a tile a block
+  const v2::BlockModel m = kernel == Kernel::kForwardV2 ? v2::forward_block(P, TH, TW, splits)
+                                                        : v2::gather_block(P, TH, TW, splits);
+  c.tiled = true;
+  c.TH = TH;
+  c.TW = TW;
+  c.splits = splits;
+  c.shared_bytes = static_cast<size_t>(bytes);
+  c.blocks = tiles * splits;
+  c.per_sm = per_sm;
+  c.waves = static_cast<double>(c.blocks) / (double{1} * dev.sms * per_sm);
+  c.halo_ratio = m.useful > 0 ? m.staged / m.useful : 0;
+  c.model_us = modelled_us(c.blocks, per_sm, m.instr, dev);
+  return c;
+}
+
+// The v2 planner: over tiles TH x TW (powers of two up to 16 x 32, clipped to the map and the
+// test cap) and channel splits (1 .. 8, at most the kernel's chunks), the plan of least modelled
+// time whose shared memory fits a block; a split must gain 10% on the best unsplit plan (the
+// model ignores its extra L2 traffic and launch overheads). Ties keep the earlier candidate:
+// fewer splits, then taller and wider tiles. Deterministic: a function of P and the device.
+inline Plan cost_plan(Kernel kernel, const Params& P, const DeviceLimits& dev) {
+  const bool forward = kernel == Kernel::kForwardV2;
+  const int chunks = forward ? v2::forward_chunks(P) : v2::gather_chunks(P);
+  const int forced = channel_split_setting.load(), cap = tile_cap_setting.load();
+  const int max_splits = std::max(1, std::min(forced > 0 ? forced : 8, chunks));
+  int tiles_h[5], tiles_w[6], nh = 0, nw = 0;  // the candidate sides, clipped, distinct
+  for (int th = 16; th >= 1; th /= 2) {
+    const int side = std::min({th, P.H, cap});
+    if (nh == 0 || tiles_h[nh - 1] != side) tiles_h[nh++] = side;
+  }
+  for (int tw = 32; tw >= 1; tw /= 2) {
+    const int side = std::min({tw, P.W, cap});
+    if (nw == 0 || tiles_w[nw - 1] != side) tiles_w[nw++] = side;
+  }
+  Plan best, best_unsplit;
+  for (int splits = forced > 0 ? max_splits : 1; splits <= max_splits; ++splits) {
+    for (int ih = 0; ih < nh; ++ih) {
+      for (int iw = 0; iw < nw; ++iw) {
+        const Plan c = modelled_plan(kernel, P, dev, tiles_h[ih], tiles_w[iw], splits);
+        if (!c.tiled) continue;
+        Plan& slot = splits == 1 ? best_unsplit : best;
+        if (!slot.tiled || c.model_us < slot.model_us) slot = c;
+      }
+    }
+  }
+  if (!best_unsplit.tiled) return best;
+  if (best.tiled && (forced > 0 || best.model_us < 0.9 * best_unsplit.model_us)) return best;
+  return best_unsplit;
+}
+
+// Picks the tile for a tiled kernel. v2 kernels: cost_plan. Generic kernels: the largest
+// candidate (at most kMaxTilePoints output points) whose shared memory lets about three blocks
+// share a multiprocessor; failing that the largest that fits a block at all; failing that (huge
+// K or s) the simple kernel.
 inline Plan make_plan(Kernel kernel, const Params& P, const DeviceLimits& dev) {
   Plan plan;
   if (force_simple_setting.load()) return plan;
+  if (kernel == Kernel::kForwardV2 || kernel == Kernel::kBackwardGatherV2)
+    return cost_plan(kernel, P, dev);
   static const int kCandidates[][2] = {{8, 16}, {8, 8}, {4, 8}, {4, 4}, {2, 4},
                                        {2, 2},  {1, 2}, {1, 1}};
   const int cap = tile_cap_setting.load();
@@ -146,6 +197,8 @@ inline Plan make_plan(Kernel kernel, const Params& P, const DeviceLimits& dev) {
       plan.TW = TW;
       plan.shared_bytes = static_cast<size_t>(bytes);
       plan.blocks = blocks;
+      plan.per_sm = resident_blocks(bytes, dev);
+      plan.waves = static_cast<double>(blocks) / (double{1} * dev.sms * std::max(plan.per_sm, 1));
       break;
     }
   }
@@ -159,6 +212,7 @@ inline Params with_tile(Params P, const Plan& plan) {
     P.TW = plan.TW;
     P.tiles_y = (P.H + plan.TH - 1) / plan.TH;
     P.tiles_x = (P.W + plan.TW - 1) / plan.TW;
+    P.splits = plan.splits;
   }
   return P;
 }

@@ -205,7 +205,8 @@ __device__ __forceinline__ void assemble_unrolled(T* __restrict__ dst, int row_l
 }
 
 // Normalises the logits of every output point of the tile in place and writes its stats (the
-// generic kernel's per-point phase, without the poison buffer the padded halo makes needless).
+// generic kernel's per-point phase, without the poison buffer the padded halo makes needless);
+// stats == nullptr: another block of the tile (channel split) writes them.
 __device__ __forceinline__ void normalise_points(float* wbuf, float* __restrict__ stats,
                                                  const Tile& t, const Params& P) {
   const int npts = t.ncent * P.s2;
@@ -217,7 +218,7 @@ __device__ __forceinline__ void normalise_points(float* wbuf, float* __restrict_
       float& x = w[tap * P.s2pad];
       x = sapa::tap_weight(P.normalizer, x, st.x, st.y, sapa::tap_counted(P.border, inside));
     });
-    reinterpret_cast<float2*>(stats)[pixel(t.b, p.oy, p.ox, P.oH, P.oW)] = st;
+    if (stats) reinterpret_cast<float2*>(stats)[pixel(t.b, p.oy, p.ox, P.oH, P.oW)] = st;
   }
 }
 
@@ -246,10 +247,17 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     __syncthreads();  // halo is restaged next
   }
 
-  normalise_points(wbuf, stats, t, P);  // each thread touches only the points it accumulated
+  // Channel split (grid y, read only here so that no register holds it through the logits):
+  // the P.splits blocks of a tile compute its weights alike and assemble a share of the value
+  // chunks each; the first writes the stats.
+  const int split = static_cast<int>(blockIdx.y);
+  // each thread touches only the points it accumulated
+  normalise_points(wbuf, split == 0 ? stats : nullptr, t, P);
 
-  // Assembly over chunks of 64 value channels.
-  for (int c0 = 0; c0 < P.C; c0 += kValueChunk) {
+  // Assembly over the split's chunks of 64 value channels.
+  const ChunkRange values = split_range(forward_chunks(P), P.splits, split);
+  const int c_end = min(P.C, values.end * kValueChunk);
+  for (int c0 = values.begin * kValueChunk; c0 < c_end; c0 += kValueChunk) {
     const int width = min(kValueChunk, P.C - c0);
     __syncthreads();  // weights complete / previous chunk consumed
     stage_padded(halo, kValueChunk, kValueChunk, v, P.C, c0, width, h, t, P);

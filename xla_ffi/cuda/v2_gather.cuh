@@ -145,6 +145,18 @@ __device__ __forceinline__ void gather_strips(T* __restrict__ dst, int row_len, 
   }
 }
 
+// The chunks of this block's channel split (grid y), re-read from the block index at every use:
+// the volatile read cannot be hoisted, so the range lives in no register between uses.
+__device__ __forceinline__ ChunkRange block_chunks(const Params& P) {
+#ifdef __CUDA_ARCH__
+  unsigned split;
+  asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(split));
+#else
+  const unsigned split = blockIdx.y;
+#endif
+  return split_range(gather_chunks(P), P.splits, static_cast<int>(split));
+}
+
 template <typename T, int K, int S>
 __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     backward_gather_v2(Params P, const T* __restrict__ q, const T* __restrict__ g,
@@ -156,25 +168,36 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   float* const rows = buf + P.TH * P.TW * Sh::T * Sh::s2pad;
   const Tile t = tile_of_block(P);
   const PaddedHalo h = strip_halo(t, Sh::r);
+  // Channel split (grid y): the P.splits blocks of a tile take a share each of the chunk list
+  // (dk chunks over d, then dv chunks over C). The share is recomputed where it is tested
+  // (block_chunks), so that no register carries it through the gather, which runs at the
+  // 80-register limit of 3 blocks per SM.
+  const int keys = gather_key_chunks(P);
 
-  // dk = sum dlogit * q over key-channel chunks.
-  gather_taps<K, S>(buf, dlogit_in, t, P);
-  for (int c0 = 0; c0 < P.d; c0 += kChunk) {
-    const int width = min(kChunk, P.d - c0);
-    __syncthreads();  // buf complete / previous chunk consumed
-    stage_points_padded<S>(rows, q, P.d, c0, width, h, t, P);
-    __syncthreads();
-    gather_strips<K, S>(dk, P.d, c0, width, rows, buf, h, t, P);
+  // dk = sum dlogit * q over the split's key-channel chunks.
+  if (block_chunks(P).begin < keys) {
+    gather_taps<K, S>(buf, dlogit_in, t, P);
+    for (int c0 = block_chunks(P).begin * kChunk; c0 < P.d && c0 < block_chunks(P).end * kChunk;
+         c0 += kChunk) {
+      const int width = min(kChunk, P.d - c0);
+      __syncthreads();  // buf complete / previous chunk consumed
+      stage_points_padded<S>(rows, q, P.d, c0, width, h, t, P);
+      __syncthreads();
+      gather_strips<K, S>(dk, P.d, c0, width, rows, buf, h, t, P);
+    }
+    __syncthreads();  // buf is rewritten below
   }
-  __syncthreads();  // buf is rewritten below
-  // dv = sum w * g over value-channel chunks.
-  gather_taps<K, S>(buf, w_in, t, P);
-  for (int c0 = 0; c0 < P.C; c0 += kChunk) {
-    const int width = min(kChunk, P.C - c0);
-    __syncthreads();
-    stage_points_padded<S>(rows, g, P.C, c0, width, h, t, P);
-    __syncthreads();
-    gather_strips<K, S>(dv, P.C, c0, width, rows, buf, h, t, P);
+  // dv = sum w * g over the split's value-channel chunks.
+  if (block_chunks(P).end > keys) {
+    gather_taps<K, S>(buf, w_in, t, P);
+    for (int c0 = (max(block_chunks(P).begin, keys) - keys) * kChunk;
+         c0 < P.C && c0 < (block_chunks(P).end - keys) * kChunk; c0 += kChunk) {
+      const int width = min(kChunk, P.C - c0);
+      __syncthreads();
+      stage_points_padded<S>(rows, g, P.C, c0, width, h, t, P);
+      __syncthreads();
+      gather_strips<K, S>(dv, P.C, c0, width, rows, buf, h, t, P);
+    }
   }
 }
 

@@ -8,6 +8,7 @@
 #ifndef SAPA_JAX_XLA_FFI_CUDA_V2_PLAN_H_
 #define SAPA_JAX_XLA_FFI_CUDA_V2_PLAN_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -27,6 +28,93 @@ inline bool use_forward(const Params& P) {
 }
 inline bool use_gather(const Params& P) {
   return generation_setting.load() == 2 && specialised(P.K, P.s);
+}
+
+// Channel split (the planner's answer to a grid short of a wave): P.splits blocks share a tile,
+// block j of them takes channel chunks [begin, end) of the kernel's chunk list. Splits fall on
+// chunk boundaries, so every output element is summed by one thread in the same order as
+// without a split: bitwise the same results.
+struct ChunkRange {
+  int begin, end;
+};
+__host__ __device__ inline ChunkRange split_range(int chunks, int splits, int j) {
+  return ChunkRange{j * chunks / splits, (j + 1) * chunks / splits};
+}
+// forward_v2 splits the assembly's value chunks (every block computes the tile's weights).
+__host__ __device__ inline int forward_chunks(const Params& P) {
+  return (P.C + kValueChunk - 1) / kValueChunk;
+}
+// backward_gather_v2 splits the list of dk chunks (over d) followed by dv chunks (over C).
+__host__ __device__ inline int gather_key_chunks(const Params& P) {
+  return (P.d + kChunk - 1) / kChunk;
+}
+__host__ __device__ inline int gather_chunks(const Params& P) {
+  return gather_key_chunks(P) + (P.C + kChunk - 1) / kChunk;
+}
+
+// ---- the planner's model of one block (plan.h) ----
+// Instruction costs in warp instructions, from scripts/sass_report.py at sm_90 (K=5, s=2; f32):
+// staging one 32-channel pixel row (stage_padded 24.5, stage_points_padded 22.2); one tap of a
+// 32-channel q.k per thread (logits_unrolled 44.0); one tap of an assembly item (13.3: 4
+// sub-pixels x 2 channels); one point-tap of the gather per group of 4 sub-pixels (8.6). The
+// per-point normalisation and the scratch gather are estimates (no report line).
+inline constexpr double kStageRowInstr = 24.0;
+inline constexpr double kLogitTapInstr = 44.0;
+inline constexpr double kAssembleTapInstr = 13.3;
+inline constexpr double kGatherTapInstr = 8.6;
+inline constexpr double kNormaliseTapInstr = 24.0;   // estimate, per point and tap
+inline constexpr double kScratchInstr = 16.0;        // estimate, per scratch element gathered
+inline constexpr double kBlockInstr = 600.0;         // estimate: set-up, zeroing, barriers
+
+struct BlockModel {
+  double staged = 0, useful = 0;  // elements staged in shared memory; the block's share of
+                                  // the input elements (each counted once over the grid)
+  double instr = 0;               // warp instructions of the block
+};
+
+// The slowest block of a tile of forward_v2 (split j with the most value chunks).
+inline BlockModel forward_block(const Params& P, int TH, int TW, int splits) {
+  const double cent = double{1} * TH * TW, pts = cent * P.s2;
+  const double halo = double{1} * (TH + 2 * P.r) * (TW + 2 * P.r);
+  const int key_chunks = (P.d + kChunk - 1) / kChunk;
+  int value_chunks = 0;
+  for (int j = 0; j < splits; ++j) {
+    const ChunkRange cr = split_range(forward_chunks(P), splits, j);
+    value_chunks = cr.end - cr.begin > value_chunks ? cr.end - cr.begin : value_chunks;
+  }
+  const double value_channels = std::min<double>(P.C, value_chunks * double{kValueChunk});
+  BlockModel m;
+  m.staged = halo * (P.d + value_channels);
+  m.useful = cent * (P.d + P.C) / splits;
+  m.instr = kBlockInstr + halo * (key_chunks + 2.0 * value_chunks) * kStageRowInstr +
+            pts * P.T * (key_chunks * kLogitTapInstr + kNormaliseTapInstr) / 32 +
+            cent * (P.s2pad / kSub) * P.T * kAssembleTapInstr * value_chunks;
+  return m;
+}
+
+// The slowest block of a tile of backward_gather_v2.
+inline BlockModel gather_block(const Params& P, int TH, int TW, int splits) {
+  const double cent = double{1} * TH * TW;
+  const double strips = double{1} * (TH + kStrip - 1) / kStrip * TW;
+  const double halo = double{1} * ((TH + kStrip - 1) / kStrip * kStrip + 2 * P.r) *
+                      (TW + 2 * P.r);  // padded halo centres
+  const double scratch = double{1} * (TH + 2 * P.r) * (TW + 2 * P.r) * P.s2 * P.T;
+  const int keys = gather_key_chunks(P), chunks = gather_chunks(P);
+  BlockModel m;
+  for (int j = 0; j < splits; ++j) {
+    const ChunkRange cr = split_range(chunks, splits, j);
+    const int parts = (cr.begin < keys && cr.end > cr.begin) + (cr.end > keys);
+    const int n = cr.end - cr.begin;
+    const double instr = kBlockInstr + parts * scratch * kScratchInstr / 32 +
+                         halo * P.s2 * n * kStageRowInstr +
+                         strips * kStrip * P.T * (P.s2pad / kSub) * kGatherTapInstr * n;
+    if (instr > m.instr) {
+      m.instr = instr;
+      m.staged = halo * P.s2 * std::min<double>(n * double{kChunk}, P.d + P.C) + parts * scratch;
+    }
+  }
+  m.useful = cent * P.s2 * (P.d + P.C + 2.0 * P.T) / splits;
+  return m;
 }
 
 // Shared floats of forward_v2 for a TH x TW tile: weights, then the unclipped halo at the value

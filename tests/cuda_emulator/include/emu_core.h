@@ -37,7 +37,10 @@
 #define __launch_bounds__(...)
 #define __shared__
 
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct dim3 {  // CUDA's: a 3-d grid or block; the emulator runs grids of x * y blocks
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
 struct alignas(8) float2 { float x, y; };  // CUDA's alignment, checked by UBSan
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
@@ -48,14 +51,27 @@ inline int max(int a, int b) { return a > b ? a : b; }
 
 namespace emu {
 
-// Device the planner sees: H100 shared-memory limits, but a single multiprocessor so that the
-// grid-stride loops of the simple kernels wrap around even on the tiny test shapes.
-constexpr int kOptinShared = 232448, kSharedPerSm = 233472, kSms = 1;
+// Devices the planner sees (cuda_runtime.h), all with H100 shared-memory limits. Device 0 has a
+// single multiprocessor so that the grid-stride loops of the simple kernels wrap around even on
+// the tiny test shapes; device 1 has an H100's 132, so that tiny grids are short of a wave.
+struct Device { int optin, per_sm, sms; };
+constexpr int kDevices = 2;
+constexpr int kOptinShared = 232448, kSharedPerSm = 233472;
+inline constexpr Device devices[kDevices] = {{kOptinShared, kSharedPerSm, 1},
+                                             {kOptinShared, kSharedPerSm, 132}};
+inline int current_device = 0;  // cudaGetDevice's answer; launches must match their stream's
+// A stream of one device (cudaStream_t is a pointer to one of these).
+struct Stream { int device; };
+inline Stream streams[kDevices] = {{0}, {1}};
+// Runtime calls of the host code, for the tests (cuda_runtime.h counts them).
+struct Calls { int get_device = 0, stream_get_device = 0, device_attribute = 0,
+               func_set_attribute = 0; };
+inline Calls calls;
 constexpr int kDefaultShared = 48 * 1024;  // above this a kernel needs cudaFuncSetAttribute
 constexpr size_t kGuardFloats = 1024;      // NaN guard after dynamic shared memory
 constexpr size_t kStackBytes = 256 * 1024;
 
-struct Launch { unsigned grid; int block; size_t shared_bytes; };
+struct Launch { unsigned grid; int block; size_t shared_bytes; int device; };  // grid: blocks
 
 enum class State { kRunning, kAtBlockBarrier, kAtWarpBarrier, kDone };
 struct Fiber { ucontext_t ctx; State state; };
@@ -71,8 +87,9 @@ inline float shuffle_buf[1024];
 inline int shuffle_buf_int[1024];
 inline std::string last_error;           // set by a failed launch, cleared by cudaGetLastError
 inline std::string last_error_reported;  // what cudaGetErrorString shows
-inline std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute opt-ins
-inline std::vector<Launch> launches;                   // read by the tests
+// cudaFuncSetAttribute's opt-ins and how often each was set, by (device, kernel)
+inline std::map<std::pair<int, const void*>, int> max_dynamic_shared, opt_in_calls;
+inline std::vector<Launch> launches;  // read by the tests
 
 // Order in which fibers (per barrier interval) and blocks (per grid) run; see the header.
 enum class Schedule { kInOrder = 0, kReversed = 1, kShuffled = 2 };
@@ -151,10 +168,11 @@ inline bool guard_intact(size_t floats) {
 }
 
 struct Cfg {
-  unsigned grid; int block; size_t shared_bytes;
-  template <typename Stream>
-  Cfg(unsigned g, int b, size_t s, Stream) : grid(g), block(b), shared_bytes(s) {}
-  Cfg(unsigned g, int b, size_t s = 0) : grid(g), block(b), shared_bytes(s) {}
+  dim3 grid; int block; size_t shared_bytes; int device;  // the stream's device
+  Cfg(dim3 g, int b, size_t s, const Stream* stream)
+      : grid(g), block(b), shared_bytes(s), device(stream ? stream->device : current_device) {}
+  Cfg(dim3 g, int b, size_t s = 0)
+      : grid(g), block(b), shared_bytes(s), device(current_device) {}
 };
 
 // Fresh fiber t for the next block. A function of its own: getcontext may return twice, and
@@ -171,10 +189,17 @@ __attribute__((noinline)) inline void init_fiber(int t) {
 
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
-  launches.push_back({cfg.grid, cfg.block, cfg.shared_bytes});
-  auto it = max_dynamic_shared.find(reinterpret_cast<const void*>(kernel));
+  const unsigned blocks = cfg.grid.x * cfg.grid.y;
+  launches.push_back({blocks, cfg.block, cfg.shared_bytes, cfg.device});
+  auto it = max_dynamic_shared.find({cfg.device, reinterpret_cast<const void*>(kernel)});
   const size_t allowed = it == max_dynamic_shared.end() ? kDefaultShared : it->second;
-  if (cfg.grid == 0 || cfg.block <= 0 || cfg.block > 1024 || cfg.block % 32 != 0) {
+  if (cfg.device != current_device) {  // a GPU refuses a stream of another device
+    last_error = "invalid resource handle: stream of device " + std::to_string(cfg.device) +
+                 ", current device " + std::to_string(current_device);
+    return;
+  }
+  if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.y > 65535 || cfg.grid.z != 1 ||
+      cfg.block <= 0 || cfg.block > 1024 || cfg.block % 32 != 0) {
     last_error = "invalid configuration argument";
     return;
   }
@@ -188,11 +213,11 @@ void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
   fibers.resize(cfg.block);
   stacks.resize(cfg.block);
   block_dim = dim3{unsigned(cfg.block), 1, 1};
-  grid_dim = dim3{cfg.grid, 1, 1};
+  grid_dim = dim3{cfg.grid.x, cfg.grid.y, 1};
   body = [&]() { kernel(args...); };
-  const std::vector<int> block_order = run_order(static_cast<int>(cfg.grid));
+  const std::vector<int> block_order = run_order(static_cast<int>(blocks));
   for (const int b : block_order) {
-    cur_block = dim3{unsigned(b), 0, 0};
+    cur_block = dim3{unsigned(b) % cfg.grid.x, unsigned(b) / cfg.grid.x, 0};
     float* f = reinterpret_cast<float*>(shared.data());
     std::fill(f, f + shared.size() * 4, std::nanf(""));
     for (int t = 0; t < cfg.block; ++t) init_fiber(t);

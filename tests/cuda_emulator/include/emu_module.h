@@ -1,7 +1,7 @@
 // The pybind11 side shared by the emulator modules (emu_module.cc: SAPA, carafe_emu_module.cc,
 // deform_emu_module.cc): NumPy arrays as XLA_FFI_Buffers without copies, ffi::Error as a
 // message ("" on success), XLA's scratch allocator answered from the host heap, and the
-// emulator's controls (launch log, schedule, dropped barrier).
+// emulator's controls (runtime state and launch log, schedule, dropped barrier).
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "emu_core.h"
+#include "runtime_bindings.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace emu {
@@ -82,13 +83,7 @@ struct Scratch {
 
 // The controls every emulator module offers the tests.
 inline void add_controls(py::module_& m) {
-  // (grid, block, dynamic shared bytes) of every launch since the last call; empties the log.
-  m.def("take_launches", []() {
-    std::vector<std::tuple<unsigned, int, size_t>> out;
-    for (const auto& l : launches) out.emplace_back(l.grid, l.block, l.shared_bytes);
-    launches.clear();
-    return out;
-  });
+  bind_runtime(m);  // device, stream, runtime-call counters and the launch log
   // Thread and block order: 0 in order, 1 reversed, 2 shuffled from `seed` (emu_core.h).
   m.def("set_schedule", &set_schedule, py::arg("mode"), py::arg("seed") = 0);
   // Barrier the kernels skip (numbers from transform.py), -1 for none.
