@@ -3,10 +3,10 @@
 //
 // Forward: for each output row, the K*K logits q . k of every point, their normalisation and
 // out = sum_p w_p v[l+p], in one pass; k and v are never expanded into K*K patches.
-// Backward in two passes, without atomics: backward_points per output row recomputes the logits and
-// weights from the saved stats, dw_p = g . v[l+p], the logit gradients and dq, and writes the
-// per-tap weights and logit gradients to the scratch outputs; backward_gather per low-res point gathers
-// dk and dv from the (s*K)^2 output points whose windows cover it. Every sum runs in a fixed
+// Backward in two passes, without atomics: backward_points per output row recomputes the logits
+// and weights from the saved stats, dw_p = g . v[l+p], the logit gradients and dq, and writes the
+// per-tap weights and logit gradients to the scratch outputs; backward_gather per block of
+// low-res points gathers dk and dv from the (s*K)^2 output points whose windows cover each. Every sum runs in a fixed
 // order and work items are independent, so results are bitwise reproducible and do not depend
 // on the number of threads.
 #ifndef SAPA_JAX_XLA_FFI_CPU_SAPA_PASSES_H_
@@ -360,8 +360,8 @@ struct Kernel {
     }
   }
 
-  // backward_points (pass 1): dq of output rows li*s .. li*s+s-1, and the weights and logit gradients
-  // of every tap into the gather-ordered scratch.
+  // backward_points (pass 1): dq of output rows li*s .. li*s+s-1, and the weights and logit
+  // gradients of every tap into the gather-ordered scratch.
   SAPA_CLONES void backward_points_item(const T* q, const T* k, const T* v, const A* stat,
                                        const T* gout, T* dq, A* w_out, A* dl_out, int64_t b,
                                        int64_t li, Work& wk) const {
@@ -469,7 +469,8 @@ struct Kernel {
     constexpr int64_t L = Simd<A>::lanes;
     constexpr int64_t NV = kAccumulators / M >= 4 ? 4 : (kAccumulators / M >= 2 ? 2 : 1);
     int64_t c0 = 0;
-    for (; c0 + NV * L <= ch; c0 += NV * L) gather_block<M, NV>(band, coef, ch, b, mi, mj0, c0, out);
+    for (; c0 + NV * L <= ch; c0 += NV * L)
+      gather_block<M, NV>(band, coef, ch, b, mi, mj0, c0, out);
     if constexpr (NV > 2) {
       if (c0 + 2 * L <= ch) {
         gather_block<M, 2>(band, coef, ch, b, mi, mj0, c0, out);
