@@ -3,10 +3,10 @@
 //
 // Forward: for each output row, the K*K logits q . k of every point, their normalisation and
 // out = sum_p w_p v[l+p], in one pass; k and v are never expanded into K*K patches.
-// Backward in two passes, without atomics: backward_points per output row recomputes the logits and
-// weights from the saved stats, dw_p = g . v[l+p], the logit gradients and dq, and writes the
-// per-tap weights and logit gradients to the scratch outputs; backward_gather per low-res point gathers
-// dk and dv from the (s*K)^2 output points whose windows cover it. Every sum runs in a fixed
+// Backward in two passes, without atomics: backward_points per output row recomputes the logits
+// and weights from the saved stats, dw_p = g . v[l+p], the logit gradients and dq, and writes the
+// per-tap weights and logit gradients to the scratch outputs; backward_gather per block of
+// low-res points gathers dk and dv from the (s*K)^2 output points whose windows cover each. Every sum runs in a fixed
 // order and work items are independent, so results are bitwise reproducible and do not depend
 // on the number of threads.
 #ifndef SAPA_JAX_XLA_FFI_CPU_SAPA_PASSES_H_
@@ -361,27 +361,28 @@ struct Kernel {
     return ((b * g.H + mi) * g.W + mj) * taps() * g.s * g.s;
   }
 
-  // Writes the point-major coefT of output row i (centre row li) into gather-ordered scratch.
-  SAPA_INLINE void scatter_taps(const A* coefT, int64_t b, int64_t li, int64_t si,
+  // Writes the row-form coef (tap t of lane j at [t * width + j]) of output row i (centre row
+  // li) into gather-ordered scratch: the s sub-columns of a centre are contiguous on both sides.
+  SAPA_INLINE void scatter_taps(const A* coef, int64_t b, int64_t li, int64_t si,
                                 A* scratch) const {
-    const int64_t n = taps(), ss = g.s * g.s;
+    const int64_t ss = g.s * g.s;
     for (int64_t dy = -g.r; dy <= g.r; ++dy) {
       const int64_t mi = li + dy;
       if (mi < 0 || mi >= g.H) continue;
-      for (int64_t lj = 0; lj < g.W; ++lj) {
+      for (int64_t mj = 0; mj < g.W; ++mj) {
+        A* dst = scratch + gather_at(b, mi, mj) + si * g.s;
         for (int64_t dx = -g.r; dx <= g.r; ++dx) {
-          const int64_t mj = lj + dx;
-          if (mj < 0 || mj >= g.W) continue;
+          const int64_t lj = mj - dx;
+          if (lj < 0 || lj >= g.W) continue;
           const int64_t p = (dy + g.r) * g.K + dx + g.r;
-          A* dst = scratch + gather_at(b, mi, mj) + p * ss + si * g.s;
-          for (int64_t sj = 0; sj < g.s; ++sj) dst[sj] = coefT[(lj * g.s + sj) * n + p];
+          std::copy_n(coef + p * width + lj * g.s, g.s, dst + p * ss);
         }
       }
     }
   }
 
-  // backward_points (pass 1): dq of output rows li*s .. li*s+s-1, and the weights and logit gradients
-  // of every tap into the gather-ordered scratch.
+  // backward_points (pass 1): dq of output rows li*s .. li*s+s-1, and the weights and logit
+  // gradients of every tap into the gather-ordered scratch.
   SAPA_CLONES void backward_points_item(const T* q, const T* k, const T* v, const A* stat,
                                        const T* gout, T* dq, A* w_out, A* dl_out, int64_t b,
                                        int64_t li, Work& wk) const {
@@ -412,10 +413,9 @@ struct Kernel {
       weights_from_stats(o.normalizer, taps(), width, logit, st0, st1, w);
       logit_gradients(logit, w, dw, st0, st1, inside, wk.spread.data(), dl);
       dq_poison(li, dl, qzero, inside, wk.poison.data());
-      transpose(w, width, n, g.oW(), wk.wT.data(), n);
       transpose(dl, width, n, g.oW(), wk.dlT.data(), n);
-      scatter_taps(wk.wT.data(), b, li, i - li * g.s, w_out);
-      scatter_taps(wk.dlT.data(), b, li, i - li * g.s, dl_out);
+      scatter_taps(w, b, li, i - li * g.s, w_out);
+      scatter_taps(dl, b, li, i - li * g.s, dl_out);
       add_poison(wk.dlT.data(), wk.poison.data());
       for (int64_t lj = 0; lj < g.W; ++lj) {
         const int64_t count = inside_rows(wk.k, li, lj, wk.centre_inside.get(), wk.rows.data(),
@@ -427,52 +427,129 @@ struct Kernel {
   }
 
   // backward_gather (pass 2): dk and dv of low-res row mi, gathered from the output points
-  // of every centre l = m - p whose window reaches m: taps in order, then the s x s points in
-  // order, the coefficients read contiguously from the gather-ordered scratch.
+  // of every centre l = m - p whose window reaches m. Each m sums its terms in the order
+  // (dy, si, lj, sj): window row dy, sub-row si, centre column lj = mj - dx ascending,
+  // sub-column sj; the coefficients come from the gather-ordered scratch.
+  //
+  // kGatherBlock consecutive points m of the row are gathered together (gather_block): a row
+  // of q (or g) serves every m of the block whose window holds it, so each loaded row feeds
+  // up to kGatherBlock sums instead of one, and rows are addressed by strides, not pointer
+  // lists. Each m still sums exactly its own terms in its own order: the bits do not depend
+  // on the blocking.
+  static constexpr int kGatherBlock = 4;
+
   struct GatherWork {
-    std::vector<A> cdl, cw;
-    std::vector<const A*> rq, rg;
     RowBand<T, A> q, gout;
     explicit GatherWork(const Kernel& kn)
-        : cdl(zeros<A>(kn.taps() * kn.g.s * kn.g.s)), cw(cdl), rq(cdl.size()), rg(cdl.size()),
-          q(kn.g.oW(), kn.g.d, kn.g.K * kn.g.s),
-          gout(kn.g.oW(), kn.g.C, kn.g.K * kn.g.s) {}
+        : q(kn.g.oW(), kn.g.d, kn.g.K * kn.g.s), gout(kn.g.oW(), kn.g.C, kn.g.K * kn.g.s) {}
   };
+
+  // Channels [c0, c0 + NV lanes) of out[mm] (the points mj0 + mm, mm < M, of row mi) from
+  // rows of `band` (point-major, ch channels) and the coefficients in `coef` (scratch).
+  template <int M, int64_t NV>
+  SAPA_INLINE void gather_block(const RowBand<T, A>& band, const A* coef, int64_t ch,
+                                int64_t b, int64_t mi, int64_t mj0, int64_t c0,
+                                T* const* out) const {
+    using V = typename Simd<A>::type;
+    constexpr int64_t L = Simd<A>::lanes;
+    const int64_t ss = g.s * g.s, step = (taps() + 1) * ss;  // from m to m + 1 at a fixed term
+    const int64_t lj0 = std::max<int64_t>(mj0 - g.r, 0);
+    const int64_t lj1 = std::min<int64_t>(mj0 + M - 1 + g.r, g.W - 1);
+    V acc[M][NV] = {};
+    for (int64_t dy = -g.r; dy <= g.r; ++dy) {
+      const int64_t li = mi - dy;
+      if (li < 0 || li >= g.H) continue;
+      for (int64_t si = 0; si < g.s; ++si) {
+        // coefficient of m = mj0 + mm, centre column lj, sub-column sj:
+        // row_coef[(mj0 - lj + r) * ss + sj + mm * step]
+        const int64_t row_coef = gather_at(b, mi, mj0) + (dy + g.r) * g.K * ss + si * g.s;
+        for (int64_t lj = lj0; lj <= lj1; ++lj) {
+          const int64_t rel = lj - mj0;  // m = mj0 + mm holds centre lj when |mm - rel| <= r
+          const int64_t c = row_coef + (g.r - rel) * ss;  // of m = mj0 + rel - r (maybe < 0)
+          const A* x = band.at(li * g.s + si, lj * g.s) + c0;  // sub-columns sj are contiguous
+          for (int64_t sj = 0; sj < g.s; ++sj, x += ch) {
+            V xv[NV];
+            for (int64_t v = 0; v < NV; ++v) xv[v] = load_vec(x + v * L);
+            for (int mm = 0; mm < M; ++mm) {
+              if (mm < rel - g.r || mm > rel + g.r) continue;
+              const A w = coef[c + sj + mm * step];
+              for (int64_t v = 0; v < NV; ++v) acc[mm][v] += w * xv[v];
+            }
+          }
+        }
+      }
+    }
+    for (int mm = 0; mm < M; ++mm)
+      for (int64_t v = 0; v < NV; ++v) store_vec<T, A>(acc[mm][v], out[mm] + c0 + v * L);
+  }
+
+  // gather_block over every channel of M points: blocks of NV vectors, then scalars.
+  template <int M>
+  SAPA_INLINE void gather_points(const RowBand<T, A>& band, const A* coef, int64_t ch,
+                                 int64_t b, int64_t mi, int64_t mj0, T* const* out) const {
+    constexpr int64_t L = Simd<A>::lanes;
+    constexpr int64_t NV = kAccumulators / M >= 4 ? 4 : (kAccumulators / M >= 2 ? 2 : 1);
+    int64_t c0 = 0;
+    for (; c0 + NV * L <= ch; c0 += NV * L)
+      gather_block<M, NV>(band, coef, ch, b, mi, mj0, c0, out);
+    if constexpr (NV > 2) {
+      if (c0 + 2 * L <= ch) {
+        gather_block<M, 2>(band, coef, ch, b, mi, mj0, c0, out);
+        c0 += 2 * L;
+      }
+    }
+    if constexpr (NV > 1) {
+      if (c0 + L <= ch) {
+        gather_block<M, 1>(band, coef, ch, b, mi, mj0, c0, out);
+        c0 += L;
+      }
+    }
+    const int64_t ss = g.s * g.s;
+    for (; c0 < ch; ++c0)  // the same terms in the same order, one channel at a time
+      for (int mm = 0; mm < M; ++mm) {
+        const int64_t mj = mj0 + mm;
+        A acc = A(0);
+        for (int64_t dy = -g.r; dy <= g.r; ++dy) {
+          const int64_t li = mi - dy;
+          if (li < 0 || li >= g.H) continue;
+          for (int64_t si = 0; si < g.s; ++si)
+            for (int64_t lj = std::max<int64_t>(mj - g.r, 0);
+                 lj <= std::min<int64_t>(mj + g.r, g.W - 1); ++lj)
+              for (int64_t sj = 0; sj < g.s; ++sj) {
+                const int64_t p = (dy + g.r) * g.K + (mj - lj + g.r);
+                acc += coef[gather_at(b, mi, mj) + p * ss + si * g.s + sj] *
+                       band.at(li * g.s + si, lj * g.s + sj)[c0];
+              }
+        }
+        out[mm][c0] = From<T>::of(acc);
+      }
+  }
 
   SAPA_CLONES void backward_gather_item(const T* q, const T* gout, const A* w_in,
                                         const A* dl_in, T* dk, T* dv, int64_t b, int64_t mi,
                                         GatherWork& wk) const {
     const int64_t centre0 = std::max<int64_t>(mi - g.r, 0);
     const int64_t centre1 = std::min(mi + g.r + 1, g.H);
-    const int64_t ss = g.s * g.s;
     wk.q.load(q + g.q_at(b, 0, 0), centre0 * g.s, centre1 * g.s);
     wk.gout.load(gout + g.out_at(b, 0, 0), centre0 * g.s, centre1 * g.s);
-    for (int64_t mj = 0; mj < g.W; ++mj) {
-      const A* w_m = w_in + gather_at(b, mi, mj);
-      const A* dl_m = dl_in + gather_at(b, mi, mj);
-      // Every centre inside: the coefficients are the scratch entries themselves, in order.
-      const bool all = mi >= g.r && mi + g.r < g.H && mj >= g.r && mj + g.r < g.W;
-      int64_t count = 0, p = 0;
-      for (int64_t dy = -g.r; dy <= g.r; ++dy) {
-        for (int64_t dx = -g.r; dx <= g.r; ++dx, ++p) {
-          const int64_t li = mi - dy, lj = mj - dx;
-          if (li < 0 || li >= g.H || lj < 0 || lj >= g.W) continue;
-          for (int64_t si = 0; si < g.s; ++si) {
-            for (int64_t sj = 0; sj < g.s; ++sj, ++count) {
-              if (!all) {
-                wk.cdl[count] = dl_m[p * ss + si * g.s + sj];
-                wk.cw[count] = w_m[p * ss + si * g.s + sj];
-              }
-              wk.rq[count] = wk.q.at(li * g.s + si, lj * g.s + sj);
-              wk.rg[count] = wk.gout.at(li * g.s + si, lj * g.s + sj);
-            }
-          }
+    constexpr int M = kGatherBlock;
+    T *dk_out[M], *dv_out[M];
+    int64_t mj0 = 0;
+    for (; mj0 < g.W; mj0 += M) {
+      const int64_t m = std::min<int64_t>(M, g.W - mj0);
+      for (int64_t mm = 0; mm < m; ++mm) {
+        dk_out[mm] = dk + g.k_at(b, mi, mj0 + mm);
+        dv_out[mm] = dv + g.v_at(b, mi, mj0 + mm);
+      }
+      if (m == M) {
+        gather_points<M>(wk.q, dl_in, g.d, b, mi, mj0, dk_out);
+        gather_points<M>(wk.gout, w_in, g.C, b, mi, mj0, dv_out);
+      } else {
+        for (int64_t mm = 0; mm < m; ++mm) {
+          gather_points<1>(wk.q, dl_in, g.d, b, mi, mj0 + mm, dk_out + mm);
+          gather_points<1>(wk.gout, w_in, g.C, b, mi, mj0 + mm, dv_out + mm);
         }
       }
-      T* dk_out = dk + g.k_at(b, mi, mj);
-      T* dv_out = dv + g.v_at(b, mi, mj);
-      weighted_rows<1>(all ? dl_m : wk.cdl.data(), 0, wk.rq.data(), count, g.d, &dk_out);
-      weighted_rows<1>(all ? w_m : wk.cw.data(), 0, wk.rg.data(), count, g.C, &dv_out);
     }
   }
 

@@ -41,6 +41,17 @@ template <typename A> SAPA_INLINE typename Simd<A>::type load_vec(const A* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+// Stores the lanes of v at p, converted to the storage type T.
+template <typename T, typename A>
+SAPA_INLINE void store_vec(const typename Simd<A>::type& v, T* p) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    A lanes[Simd<A>::lanes];
+    std::memcpy(lanes, &v, sizeof v);
+    for (int64_t u = 0; u < Simd<A>::lanes; ++u) p[u] = From<T>::of(lanes[u]);
+  }
+}
 // Eight floats, whatever the level: the register transposes below are written for them.
 typedef float Float8 __attribute__((vector_size(32)));
 SAPA_INLINE Float8 load8(const float* p) {
