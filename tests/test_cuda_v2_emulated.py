@@ -2,7 +2,8 @@
 
 test_cuda_emulated.py says what the emulator checks and what it cannot. This file runs the v2
 paths (compile-time K in {3, 5, 7} and s in {1, 2, 4}, zero-padded halos, unrolled taps, the
-strip gather of backward pass 2) against the float64 jnp reference, and checks that
+strip gather of backward pass 2, backward pass 1 with q and g in registers, the batched staging
+of v2_stage.cuh) against the float64 jnp reference, and checks that
 
 - the module's kernel-generation switch (`set_kernel_generation`) really changes the kernels
   that run where v2 applies (their shared memory differs) and nothing where it does not;
@@ -63,17 +64,18 @@ CASES = {
     "K3-s4-relu-valid-eps0-f16": (Case((1,), 3, 3, 4, 8, 6, 3, "relu", "valid", F16, 0.0), {}),
     # d % 4 != 0: the forward stays generic (q rows are not vector-aligned), pass 2 is v2
     "K3-s2-sigmoid-zeros-d5": (Case((1,), 4, 6, 2, 5, 11, 3, "sigmoid", "zeros"), {}),
-    # d % 4 == C % 4 == 0: backward pass 1 is v2 too (q and g rows as vectors). With the two
-    # above (K = 3 and 5 at s = 2) every (K, s) specialisation of it; key and value chunk tails.
+    # float32 with d % 4 == C % 4 == 0: backward pass 1 is v2 too (q and g rows as vectors; the
+    # 16-bit types keep the generic pass 1, see sapa_cuda.cu). With K3-s2 above, every (K, s)
+    # specialisation of it; key and value chunk tails.
     "P1-K3-s1-softmax-valid-d36-C36": (Case((1,), 6, 7, 1, 36, 36, 3, "softmax", "valid"), {}),
-    "P1-K5-s4-relu-zeros-f16": (Case((1,), 3, 4, 4, 8, 12, 5, "relu", "zeros", F16), {}),
+    "P1-K5-s4-relu-zeros": (Case((1,), 3, 4, 4, 8, 12, 5, "relu", "zeros"), {}),
     "P1-K7-s4-sigmoid-valid-map-smaller": (Case((1,), 3, 3, 4, 4, 8, 7, "sigmoid", "valid"), {}),
     "P1-K7-s1-softplus-zeros-cap2-C68": (Case((2,), 5, 5, 1, 12, 68, 7, "softplus", "zeros"),
                                          {"tile_cap": 2}),
-    "P1-K5-s1-none-valid-bf16": (Case((1,), 5, 6, 1, 8, 16, 5, "none", "valid", BF16), {}),
+    "P1-K5-s1-none-valid": (Case((1,), 5, 6, 1, 8, 16, 5, "none", "valid"), {}),
     "P1-K7-s2-relu-valid-eps0": (Case((1,), 4, 5, 2, 8, 12, 7, "relu", "valid", np.float32, 0.0),
                                  {}),
-    "P1-K3-s4-softmax-zeros-bf16": (Case((1,), 3, 4, 4, 16, 8, 3, "softmax", "zeros", BF16), {}),
+    "P1-K3-s4-softmax-zeros": (Case((1,), 3, 4, 4, 16, 8, 3, "softmax", "zeros"), {}),
     "P1-K5-s2-sigmoid-valid-cap3": (Case((1,), 7, 5, 2, 12, 20, 5, "sigmoid", "valid"),
                                     {"tile_cap": 3}),
 }
@@ -93,7 +95,7 @@ def test_v2_matches_reference_and_generation_1(emu, gen, x64, case):
     # forward, pass 1, pass 2; the v2 kernels plan other shared memory than generation 1
     assert len(launched1) == len(launched2) == 3, (launched1, launched2)
     forward_v2 = d % 4 == 0
-    points_v2 = forward_v2 and case.C % 4 == 0
+    points_v2 = forward_v2 and case.C % 4 == 0 and np.dtype(dtype) == np.float32
     assert (launched1[0] != launched2[0]) == forward_v2, (launched1, launched2)
     assert (launched1[1] != launched2[1]) == points_v2, (launched1, launched2)
     assert launched1[2] != launched2[2], (launched1, launched2)

@@ -25,20 +25,17 @@ __device__ __forceinline__ PaddedHalo padded_halo(const Tile& t, int r) {
   return PaddedHalo{t.ty0 - r, t.tx0 - r, t.ch + 2 * r, t.cw + 2 * r};
 }
 
-// For j = 0 .. n - 1: *dst(j) = src(j) ? the float of *src(j) : 0, one lane's entries of a
-// staged row. The loads of a batch all precede its stores (no store can delay a load).
-template <typename T, class Src, class Dst>
-__device__ __forceinline__ void stage_batched(int n, Src src, Dst dst) {
+// For j = 0 .. n - 1: store(j, load(j)), one lane's entries of a staged row (load gives the
+// float of the entry, 0 outside the map). The loads of a batch all precede its stores.
+template <class Load, class Store>
+__device__ __forceinline__ void stage_batched(int n, Load load, Store store) {
   for (int j0 = 0; j0 < n; j0 += kStageBatch) {
     float x[kStageBatch];
 #pragma unroll
-    for (int b = 0; b < kStageBatch; ++b) {
-      const T* p = j0 + b < n ? src(j0 + b) : nullptr;
-      x[b] = p ? to_f(*p) : 0.f;
-    }
+    for (int b = 0; b < kStageBatch; ++b) x[b] = j0 + b < n ? load(j0 + b) : 0.f;
 #pragma unroll
     for (int b = 0; b < kStageBatch; ++b)
-      if (j0 + b < n) *dst(j0 + b) = x[b];
+      if (j0 + b < n) store(j0 + b, x[b]);
   }
 }
 
@@ -53,17 +50,18 @@ __device__ __forceinline__ void stage_padded(float* dst, int stride, int pad,
   for (int hy = warp; hy < h.rows; hy += kWarps) {
     const int y = h.y0 + hy;
     const bool row_in = y >= 0 && y < P.H;
-    const T* srow = row_in ? src + pixel(t.b, y, 0, P.H, P.W) * row_len + c0 : src;
     float* drow = dst + hy * h.cols * stride;
     for (int c = lane; c < pad; c += 32) {
       const bool in = row_in && c < width;
-      stage_batched<T>(
+      stage_batched(
           h.cols,
-          [&](int hx) -> const T* {
+          [&](int hx) {
             const int x = h.x0 + hx;
-            return in && x >= 0 && x < P.W ? srow + x * int64_t{row_len} + c : nullptr;
+            return in && x >= 0 && x < P.W
+                       ? to_f(src[pixel(t.b, y, x, P.H, P.W) * row_len + c0 + c])
+                       : 0.f;
           },
-          [&](int hx) { return drow + hx * stride + c; });
+          [&](int hx, float value) { drow[hx * stride + c] = value; });
     }
   }
 }
@@ -81,18 +79,19 @@ __device__ __forceinline__ void stage_points_padded(float* dst, const T* __restr
     const int hy = row / S, sy = row - hy * S;
     const int y = h.y0 + hy;
     const bool in = lane < width && y >= 0 && y < P.H;
-    const T* srow = in ? src + pixel(t.b, y * S + sy, 0, P.oH, P.oW) * row_len + c0 + lane : src;
     float* drow = dst + sy * S * kChunk + lane;
-    stage_batched<T>(
+    stage_batched(
         h.cols * S,
-        [&](int col) -> const T* {
-          const int x = h.x0 + col / S;
-          return in && x >= 0 && x < P.W ? srow + (x * S + col % S) * int64_t{row_len}
-                                         : nullptr;
-        },
         [&](int col) {
+          const int x = h.x0 + col / S;
+          return in && x >= 0 && x < P.W
+                     ? to_f(src[pixel(t.b, y * S + sy, x * S + col % S, P.oH, P.oW) * row_len +
+                                c0 + lane])
+                     : 0.f;
+        },
+        [&](int col, float value) {
           const int hx = col / S;
-          return drow + ((hy * h.cols + hx) * (S * S) + col - hx * S) * kChunk;
+          drow[((hy * h.cols + hx) * (S * S) + col - hx * S) * kChunk] = value;
         });
   }
 }
