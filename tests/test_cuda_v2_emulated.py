@@ -64,11 +64,10 @@ CASES = {
     "K3-s4-relu-valid-eps0-f16": (Case((1,), 3, 3, 4, 8, 6, 3, "relu", "valid", F16, 0.0), {}),
     # d % 4 != 0: the forward stays generic (q rows are not vector-aligned), pass 2 is v2
     "K3-s2-sigmoid-zeros-d5": (Case((1,), 4, 6, 2, 5, 11, 3, "sigmoid", "zeros"), {}),
-    # float32 with d % 4 == C % 4 == 0: backward pass 1 is v2 too (q and g rows as vectors; the
-    # 16-bit types keep the generic pass 1, see sapa_cuda.cu). With K3-s2 above, every (K, s)
-    # specialisation of it; key and value chunk tails.
+    # d % 4 == C % 4 == 0: backward pass 1 is v2 too (q and g rows as vectors). With K3-s2 and
+    # the bf16 K5-s2 above, every (K, s) specialisation of it; key and value chunk tails.
     "P1-K3-s1-softmax-valid-d36-C36": (Case((1,), 6, 7, 1, 36, 36, 3, "softmax", "valid"), {}),
-    "P1-K5-s4-relu-zeros": (Case((1,), 3, 4, 4, 8, 12, 5, "relu", "zeros"), {}),
+    "P1-K5-s4-relu-zeros-f16": (Case((1,), 3, 4, 4, 8, 12, 5, "relu", "zeros", F16), {}),
     "P1-K7-s4-sigmoid-valid-map-smaller": (Case((1,), 3, 3, 4, 4, 8, 7, "sigmoid", "valid"), {}),
     "P1-K7-s1-softplus-zeros-cap2-C68": (Case((2,), 5, 5, 1, 12, 68, 7, "softplus", "zeros"),
                                          {"tile_cap": 2}),
@@ -95,7 +94,7 @@ def test_v2_matches_reference_and_generation_1(emu, gen, x64, case):
     # forward, pass 1, pass 2; the v2 kernels plan other shared memory than generation 1
     assert len(launched1) == len(launched2) == 3, (launched1, launched2)
     forward_v2 = d % 4 == 0
-    points_v2 = forward_v2 and case.C % 4 == 0 and np.dtype(dtype) == np.float32
+    points_v2 = forward_v2 and case.C % 4 == 0
     assert (launched1[0] != launched2[0]) == forward_v2, (launched1, launched2)
     assert (launched1[1] != launched2[1]) == points_v2, (launched1, launched2)
     assert launched1[2] != launched2[2], (launched1, launched2)
@@ -145,7 +144,7 @@ POINTS_V2 = 5  # the planner's Kernel::kBackwardPointsV2 (cuda/plan.h)
 
 def test_points_v2_plans_fit_and_fill_the_block(emu):
     # backward_points_v2 keeps q and g in registers and stages nothing per point, so its tiles
-    # leave room for the 3 blocks per multiprocessor of its __launch_bounds__ on every device
+    # leave room for the planner's 3 blocks per multiprocessor (kTiledBlocksPerSm) on every device
     # at the typical shapes, and at the GPU preset one tile holds an output point per thread
     # (256), where the generic pass 1 leaves half of the threads idle in its per-point phases.
     for device, (optin, per_sm, sms) in base.DEVICES.items():

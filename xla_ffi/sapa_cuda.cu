@@ -30,7 +30,6 @@
 #include <stdexcept>
 #include <cstdint>
 #include <string>
-#include <type_traits>
 
 #include "cuda/backward_gather.cuh"
 #include "cuda/backward_points.cuh"
@@ -186,23 +185,18 @@ ffi::Error launch_backward(cudaStream_t stream, const Params& base, const Device
   float* ds = static_cast<float*>(dlogit_scratch);
 
   // Pass 1: dq and the per-tap scratch.
-  // backward_points_v2 for float only: its 16-bit instantiations need a few more registers
-  // than the 80 of three blocks per multiprocessor (ptxas spills 4-16 bytes; SAPA_STRICT).
-  constexpr bool kPointsV2 = std::is_same_v<T, float>;
   const bool g_aligned = reinterpret_cast<uintptr_t>(g) % (4 * sizeof(T)) == 0;
-  const Plan plan1v2 = kPointsV2 && v2::use_points(base, g_aligned)
+  const Plan plan1v2 = v2::use_points(base, g_aligned)
                            ? make_plan(Kernel::kBackwardPointsV2, base, dev)
                            : Plan{};
   const Plan plan1 = make_plan(Kernel::kBackwardPoints, base, dev);
   const Params P1 = with_tile(base, plan1);
   if (plan1v2.tiled) {
-    if constexpr (kPointsV2) {
-      if (auto err = by_shape<PointsV2<T>::template At>(
-              base.K, base.s, stream, with_tile(base, plan1v2), plan1v2, qt, kt, vt, st, gt,
-              static_cast<T*>(dq), ws, ds);
-          err.failure())
-        return err;
-    }
+    if (auto err = by_shape<PointsV2<T>::template At>(
+            base.K, base.s, stream, with_tile(base, plan1v2), plan1v2, qt, kt, vt, st, gt,
+            static_cast<T*>(dq), ws, ds);
+        err.failure())
+      return err;
   } else if (plan1.tiled) {
     if (auto err = allow_shared(backward_points_tiled<T>, plan1.shared_bytes); err.failure())
       return err;

@@ -136,8 +136,13 @@ __device__ __forceinline__ void assemble_dq(T* __restrict__ dst, int c0, int wid
   }
 }
 
+// Two blocks per multiprocessor, so up to 128 registers: at three (80 registers) ptxas spills
+// a few bytes in most instantiations (q's or g's chunk, 32 floats, is live across the unrolled
+// window dot while the tile's state lives across all phases).
+constexpr int kPointsBlocksPerSm = 2;
+
 template <typename T, int K, int S>
-__global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
+__global__ void __launch_bounds__(kThreads, kPointsBlocksPerSm)
     backward_points_v2(Params P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const float* __restrict__ stats,
                        const T* __restrict__ g, T* __restrict__ dq, float* __restrict__ w_out,
