@@ -62,9 +62,7 @@ H100_SMS, H100_OPTIN, H100_PER_SM = 132, 232448, 233472  # H100 SXM and H200 ali
 THREADS = 256
 PRESET = dict(K=5, s=2, d=32, C=256)
 
-# role -> (kind, loop header or None, taps per iteration); the header is the text of the loop's
-# first line in the role's function, or (function, text) for a loop of a helper inlined into it
-# (the v2 staging loops live in v2_stage.cuh's stage_batched).
+# role -> (kind, loop header text or None, taps per iteration).
 # kind "tap": a LOOP line; "stage": a STAGE line (rows instead of taps).
 # Taps per iteration: ("ffma", F) = the loop's FFMAs (outside its inner loops) // F, for the
 # generic kernels, whose runtime tap loops nvcc unrolls by 2 or 4 and F is the source's FFMA count
@@ -78,17 +76,16 @@ ROLES = {
     "stage_points": ("stage", "for (int pt = warp; pt < npts; pt += kWarps) {", ("fixed", 4)),
     "stage_halo_points": ("stage", "for (int i = warp; i < npts; i += kWarps) {", ("fixed", 4)),
 }
-STAGE_BATCH_LOOP = ("stage_batched", "for (int j0 = 0; j0 < n; j0 += kStageBatch) {")
 # v2 roles (xla_ffi/cuda/v2_*.cuh): taps fully unrolled, so the role's innermost FFMA loop is
 # the loop over work items and one iteration runs all K*K taps of one item.
 V2_ROLES = {
     "logits_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
     "assemble_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
-    # one iteration: a batch of kStageBatch = 4 staged pixel rows (32 channels) per warp
-    "stage_padded": ("stage", STAGE_BATCH_LOOP, ("fixed", 4)),
+    "stage_padded": ("stage", "for (int hx = 0; hx < h.cols; ++hx) {", ("fixed", 4)),
     # a strip of 2 low-res points per thread: 2 K*K point-taps per iteration
     "gather_strips": ("tap", None, ("fixed", lambda p: 2 * p["K"] ** 2)),
-    "stage_points_padded": ("stage", STAGE_BATCH_LOOP, ("fixed", 4)),
+    "stage_points_padded": ("stage", "for (int col = 0; col < h.cols * S; ++col) {",
+                            ("fixed", 4)),
     # backward pass 1 (v2_points.cuh): per output point, all K*K taps of the normalisation and
     # logit gradient; then dq, one (centre, 4 sub-pixels, channel) item per iteration
     "point_gradients": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
@@ -402,10 +399,9 @@ def analyse(funcs: list[Function], kernels: set[str], index: SourceIndex,
                 continue
             chosen = None
             if header is not None:
-                where, text = header if isinstance(header, tuple) else (role, header)
                 lines = set()
                 for f in source_files:
-                    n = index.line_of(str(f), where, text)
+                    n = index.line_of(str(f), role, header)
                     if n:
                         lines.add((str(f), n))
                 on_header = [lp for lp in mine if lp.branch_line in lines]
