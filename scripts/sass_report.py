@@ -91,11 +91,16 @@ V2_ROLES = {
     "gather_strips": ("tap", None, ("fixed", lambda p: 2 * p["K"] ** 2)),
     "stage_points_padded": ("stage", "for (int col = 0; col < h.cols * S; ++col) {",
                             ("fixed", 4)),
+    # backward pass 1 (v2_points.cuh): per output point, all K*K taps of the normalisation and
+    # logit gradient; then dq, one (centre, 4 sub-pixels, channel) item per iteration
+    "point_gradients": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
+    "assemble_dq": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
 }
 
 # The tiled kernels and their planner Kernel index (the enum's order in the CUDA planner).
 PLAN_KERNEL_INDEX = {"forward_tiled": 0, "backward_points_tiled": 1, "backward_gather_tiled": 2,
-                     "backward_lowres_tiled": 2, "forward_v2": 3, "backward_gather_v2": 4}
+                     "backward_lowres_tiled": 2, "forward_v2": 3, "backward_gather_v2": 4,
+                     "backward_points_v2": 5}
 SHAPES = {"gpu-preset B8 64->128": (8, 64, 64), "authors B1 120->240": (1, 120, 120)}
 
 

@@ -2,7 +2,8 @@
 
 test_cuda_emulated.py says what the emulator checks and what it cannot. This file runs the v2
 paths (compile-time K in {3, 5, 7} and s in {1, 2, 4}, zero-padded halos, unrolled taps, the
-strip gather of backward pass 2) against the float64 jnp reference, and checks that
+strip gather of backward pass 2, backward pass 1 with q and g in registers, the batched staging
+of v2_stage.cuh) against the float64 jnp reference, and checks that
 
 - the module's kernel-generation switch (`set_kernel_generation`) really changes the kernels
   that run where v2 applies (their shared memory differs) and nothing where it does not;
@@ -63,6 +64,19 @@ CASES = {
     "K3-s4-relu-valid-eps0-f16": (Case((1,), 3, 3, 4, 8, 6, 3, "relu", "valid", F16, 0.0), {}),
     # d % 4 != 0: the forward stays generic (q rows are not vector-aligned), pass 2 is v2
     "K3-s2-sigmoid-zeros-d5": (Case((1,), 4, 6, 2, 5, 11, 3, "sigmoid", "zeros"), {}),
+    # d % 4 == C % 4 == 0: backward pass 1 is v2 too (q and g rows as vectors). With K3-s2 and
+    # the bf16 K5-s2 above, every (K, s) specialisation of it; key and value chunk tails.
+    "P1-K3-s1-softmax-valid-d36-C36": (Case((1,), 6, 7, 1, 36, 36, 3, "softmax", "valid"), {}),
+    "P1-K5-s4-relu-zeros-f16": (Case((1,), 3, 4, 4, 8, 12, 5, "relu", "zeros", F16), {}),
+    "P1-K7-s4-sigmoid-valid-map-smaller": (Case((1,), 3, 3, 4, 4, 8, 7, "sigmoid", "valid"), {}),
+    "P1-K7-s1-softplus-zeros-cap2-C68": (Case((2,), 5, 5, 1, 12, 68, 7, "softplus", "zeros"),
+                                         {"tile_cap": 2}),
+    "P1-K5-s1-none-valid": (Case((1,), 5, 6, 1, 8, 16, 5, "none", "valid"), {}),
+    "P1-K7-s2-relu-valid-eps0": (Case((1,), 4, 5, 2, 8, 12, 7, "relu", "valid", np.float32, 0.0),
+                                 {}),
+    "P1-K3-s4-softmax-zeros": (Case((1,), 3, 4, 4, 16, 8, 3, "softmax", "zeros"), {}),
+    "P1-K5-s2-sigmoid-valid-cap3": (Case((1,), 7, 5, 2, 12, 20, 5, "sigmoid", "valid"),
+                                    {"tile_cap": 3}),
 }
 
 
@@ -77,11 +91,12 @@ def test_v2_matches_reference_and_generation_1(emu, gen, x64, case):
                                                case.border, case.eps, case.dtype)
     got1, launched1 = launches(emu, 1, q, k, v, g, K, s, normalizer, border, eps)
     got2, launched2 = launches(emu, 2, q, k, v, g, K, s, normalizer, border, eps)
-    # forward, pass 1, pass 2; v2 forward and pass 2 plan other shared memory than generation 1
+    # forward, pass 1, pass 2; the v2 kernels plan other shared memory than generation 1
     assert len(launched1) == len(launched2) == 3, (launched1, launched2)
     forward_v2 = d % 4 == 0
+    points_v2 = forward_v2 and case.C % 4 == 0
     assert (launched1[0] != launched2[0]) == forward_v2, (launched1, launched2)
-    assert launched1[1] == launched2[1], (launched1, launched2)  # pass 1 has no v2 yet
+    assert (launched1[1] != launched2[1]) == points_v2, (launched1, launched2)
     assert launched1[2] != launched2[2], (launched1, launched2)
 
     want = base.reference(q, k, v, g, K, s, normalizer, border, eps)
@@ -95,8 +110,8 @@ def test_v2_matches_reference_and_generation_1(emu, gen, x64, case):
         assert err <= tol, f"{name}: relative error {err:.2e} (generation 2)"
         gap = np.abs(a2 - a1.reshape(b.shape).astype(np.float64)).max() / scale
         assert gap <= 2 * tol, f"{name}: generations 1 and 2 differ by {gap:.2e}"
-    # The stats (and the pass-1 scratch made from them) differ by the logits' rounding only:
-    # v2 sums each q.k in one FMA chain, the generic kernel in four.
+    # The stats and the pass-1 scratch differ by the logits' rounding only: v2 sums each q.k
+    # (and g.v) in one FMA chain, the generic kernel in four.
     for i in (1, 5, 6):
         a1, a2 = (x.astype(np.float64) for x in (got1[i], got2[i]))
         gap = np.abs(a2 - a1).max() / max(np.abs(a1).max(), 1e-30)
@@ -124,10 +139,32 @@ def test_unspecialised_shapes_keep_the_generic_kernels(emu, gen):
         assert launched1 == launched2, (K, s, launched1, launched2)
 
 
+POINTS_V2 = 5  # the planner's Kernel::kBackwardPointsV2 (cuda/plan.h)
+
+
+def test_points_v2_plans_fit_and_fill_the_block(emu):
+    # backward_points_v2 keeps q and g in registers and stages nothing per point, so its tiles
+    # leave room for the planner's 3 blocks per multiprocessor (kTiledBlocksPerSm) on every device
+    # at the typical shapes, and at the GPU preset one tile holds an output point per thread
+    # (256), where the generic pass 1 leaves half of the threads idle in its per-point phases.
+    for device, (optin, per_sm, sms) in base.DEVICES.items():
+        for shape in base.TYPICAL:
+            n, H, W, s, K, d, C = base.SHAPES[shape]
+            tiled, TH, TW, smem, blocks = emu.plan(POINTS_V2, n, H, W, s, K, d, C, optin,
+                                                   per_sm, sms)
+            assert tiled and 0 < smem <= per_sm // 3, (device, shape, smem)
+            assert blocks == n * -(-H // TH) * -(-W // TW), (device, shape, blocks)
+    optin, per_sm, sms = base.DEVICES["H100 (sm_90)"]
+    n, H, W, s, K, d, C = base.SHAPES["gpu-preset"]
+    _, TH, TW, smem, _ = emu.plan(POINTS_V2, n, H, W, s, K, d, C, optin, per_sm, sms)
+    assert TH * TW * s * s >= 256, (TH, TW, smem)
+
+
 # Probes that reach every v2 barrier: two key chunks and two value chunks over several tiles,
 # one chunk on a full tile, and no channels at all.
+# (C = 68: a multiple of 4, so backward pass 1 is v2 as well, with three 32-channel chunks.)
 PROBES = {
-    "v2-cap2-2-key-chunks": (Case((2,), 5, 6, 2, 40, 70, 3, "softmax", "zeros"),
+    "v2-cap2-2-key-chunks": (Case((2,), 5, 6, 2, 40, 68, 3, "softmax", "zeros"),
                              {"tile_cap": 2}),
     "v2-full-tile-1-key-chunk": (Case((1,), 9, 9, 2, 12, 20, 5, "relu", "valid"), {}),
     "v2-no-channels": (Case((1,), 3, 4, 2, 0, 0, 3, "softplus", "zeros"), {}),

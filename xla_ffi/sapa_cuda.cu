@@ -8,6 +8,8 @@
 //   forward.cuh          forward_tiled, forward_simple
 //   backward_points.cuh  backward pass 1: backward_points_tiled, backward_points_simple
 //   backward_gather.cuh  backward pass 2: backward_gather_tiled, backward_gather_simple
+//   v2_*.cuh             second generation (compile-time K, s): forward_v2,
+//                        backward_points_v2, backward_gather_v2; v2_stage.cuh their staging
 //   plan.h               host: problem parameters and the tile planners (v2: cost model)
 //   runtime.h            host: device of the stream, limits and opt-ins, once per device
 //
@@ -36,6 +38,7 @@
 #include "cuda/plan.h"
 #include "cuda/v2_forward.cuh"
 #include "cuda/v2_gather.cuh"
+#include "cuda/v2_points.cuh"
 #include "sapa_common.h"
 // The FFI headers trip diagnostics in nvcc's front end and in the host compiler behind it that a
 // plain g++ build does not report (missing return after an exhaustive switch, always_inline on
@@ -134,6 +137,22 @@ template <typename T> struct GatherV2 {
   };
 };
 
+template <typename T> struct PointsV2 {
+  template <int K, int S> struct At {
+    static ffi::Error run(cudaStream_t stream, const DeviceLimits& dev, const Params& P,
+                          const Plan& plan, const T* q, const T* k, const T* v,
+                          const float* stats, const T* g, T* dq, float* w, float* dlogit) {
+      if (auto err = allow_shared(v2::backward_points_v2<T, K, S>, plan.shared_bytes, dev);
+          err.failure())
+        return err;
+      v2::backward_points_v2<T, K, S><<<static_cast<unsigned>(plan.blocks), kThreads,
+                                        plan.shared_bytes, stream>>>(P, q, k, v, stats, g, dq,
+                                                                     w, dlogit);
+      return launch_error("backward_points_v2");
+    }
+  };
+};
+
 template <typename T>
 ffi::Error launch_forward(cudaStream_t stream, const Params& base, const DeviceLimits& dev,
                           const void* q, const void* k, const void* v, void* out, void* stats) {
@@ -177,9 +196,19 @@ ffi::Error launch_backward(cudaStream_t stream, const Params& base, const Device
   float* ds = static_cast<float*>(dlogit_scratch);
 
   // Pass 1: dq and the per-tap scratch.
+  const bool g_aligned = reinterpret_cast<uintptr_t>(g) % (4 * sizeof(T)) == 0;
+  const Plan plan1v2 = v2::use_points(base, g_aligned)
+                           ? make_plan(Kernel::kBackwardPointsV2, base, dev)
+                           : Plan{};
   const Plan plan1 = make_plan(Kernel::kBackwardPoints, base, dev);
   const Params P1 = with_tile(base, plan1);
-  if (plan1.tiled) {
+  if (plan1v2.tiled) {
+    if (auto err = by_shape<PointsV2<T>::template At>(
+            base.K, base.s, stream, dev, with_tile(base, plan1v2), plan1v2, qt, kt, vt, st, gt,
+            static_cast<T*>(dq), ws, ds);
+        err.failure())
+      return err;
+  } else if (plan1.tiled) {
     if (auto err = allow_shared(backward_points_tiled<T>, plan1.shared_bytes, dev); err.failure())
       return err;
     backward_points_tiled<T>

@@ -14,6 +14,29 @@
 
 namespace sapa::cuda {
 
+// The scratch outputs of a tile from its per-tap buffers ([centre][tap][sub-pixel], see
+// tile.cuh): each output row of the tile is one contiguous run of cw*s*T floats. s, T and
+// s2pad are arguments so that a caller with compile-time values (backward_points_v2) gets its
+// divisions folded.
+__device__ __forceinline__ void write_scratch(float* __restrict__ w_out,
+                                              float* __restrict__ dlogit_out, const float* wbuf,
+                                              const float* dbuf, const Tile& t, const Params& P,
+                                              int s, int T, int s2pad) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int run = t.cw * s * T;
+  for (int row = warp; row < t.ch * s; row += kWarps) {
+    const int cy = row / s, sy = row - cy * s;
+    const int64_t base = pixel(t.b, t.ty0 * s + row, t.tx0 * s, P.oH, P.oW) * T;
+    for (int e = lane; e < run; e += 32) {
+      const int col = e / T, tap = e - col * T;
+      const int cx = col / s, sx = col - cx * s;
+      const int idx = ((cy * t.cw + cx) * T + tap) * s2pad + sy * s + sx;
+      w_out[base + e] = wbuf[idx];
+      dlogit_out[base + e] = dbuf[idx];
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
     backward_points_tiled(Params P, const T* __restrict__ q, const T* __restrict__ k,
@@ -92,22 +115,7 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   }
   __syncthreads();
 
-  // Scratch rows: each output row of the tile is one contiguous run of cw*s*T floats.
-  {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int run = t.cw * P.s * P.T;
-    for (int row = warp; row < t.ch * P.s; row += kWarps) {
-      const int cy = row / P.s, sy = row - cy * P.s;
-      const int64_t base = pixel(t.b, t.ty0 * P.s + row, t.tx0 * P.s, P.oH, P.oW) * P.T;
-      for (int e = lane; e < run; e += 32) {
-        const int col = e / P.T, tap = e - col * P.T;
-        const int cx = col / P.s, sx = col - cx * P.s;
-        const int idx = ((cy * t.cw + cx) * P.T + tap) * P.s2pad + sy * P.s + sx;
-        w_out[base + e] = wbuf[idx];
-        dlogit_out[base + e] = dbuf[idx];
-      }
-    }
-  }
+  write_scratch(w_out, dlogit_out, wbuf, dbuf, t, P, P.s, P.T, P.s2pad);
 
   // dq = sum_p dlogit_p k[l + p]; with a single key chunk the halo still holds it.
   for (int c0 = 0; c0 < P.d; c0 += kChunk) {

@@ -23,8 +23,10 @@
 namespace sapa::cuda {
 
 // The kernels the planner plans for: forward, backward pass 1 and backward pass 2, and the
-// second-generation forward and pass 2 (cuda/v2_plan.h).
-enum class Kernel { kForward, kBackwardPoints, kBackwardGather, kForwardV2, kBackwardGatherV2 };
+// second-generation forward, pass 2 and pass 1 (cuda/v2_plan.h).
+enum class Kernel {
+  kForward, kBackwardPoints, kBackwardGather, kForwardV2, kBackwardGatherV2, kBackwardPointsV2
+};
 
 struct Plan {
   bool tiled = false;
@@ -83,6 +85,8 @@ inline int64_t shared_floats(Kernel kernel, const Params& P, int64_t TH, int64_t
       return v2::forward_shared_floats(P, TH, TW);
     case Kernel::kBackwardGatherV2:
       return v2::gather_shared_floats(P, TH, TW);
+    case Kernel::kBackwardPointsV2:
+      return v2::points_shared_floats(P, TH, TW);
   }
   return 0;
 }

@@ -17,6 +17,7 @@
 
 #include "cuda/tile.cuh"
 #include "cuda/v2_plan.h"
+#include "cuda/v2_stage.cuh"  // PaddedHalo, stage_padded
 
 namespace sapa::cuda::v2 {
 
@@ -28,15 +29,6 @@ template <int K, int S> struct Shape {
   static constexpr int s2pad = (s2 + kSub - 1) / kSub * kSub;
   static constexpr int groups = s2pad / kSub;  // float4 groups of sub-pixel weights per tap
 };
-
-// The unclipped halo of a tile: rows ty0 - r .. ty0 + ch + r - 1, columns likewise.
-struct PaddedHalo {
-  int y0, x0, rows, cols;
-};
-
-__device__ __forceinline__ PaddedHalo padded_halo(const Tile& t, int r) {
-  return PaddedHalo{t.ty0 - r, t.tx0 - r, t.ch + 2 * r, t.cw + 2 * r};
-}
 
 // n / m for 0 <= n < 2^20 and 1 <= m <= 2^10 given inv = 1.f / m (correctly rounded): (n + 0.5) / m
 // is at least 1 / (2m) from an integer, far more than the float error of the product, so the
@@ -74,30 +66,6 @@ __device__ __forceinline__ void load_query_quads(const T* __restrict__ row, int 
     a[4 * u + 1] = x.y;
     a[4 * u + 2] = x.z;
     a[4 * u + 3] = x.w;
-  }
-}
-
-// dst[(hy * cols + hx) * stride + c] = channel c0 + c of map pixel (y0 + hy, x0 + hx) for
-// c < width, and 0 for width <= c < pad or a pixel outside the map. Division-free: warps take
-// halo rows, lanes take channels, and each warp walks its row's pixels.
-template <typename T>
-__device__ __forceinline__ void stage_padded(float* dst, int stride, int pad,
-                                             const T* __restrict__ src, int row_len, int c0,
-                                             int width, const PaddedHalo& h, const Tile& t,
-                                             const Params& P) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int hy = warp; hy < h.rows; hy += kWarps) {
-    const int y = h.y0 + hy;
-    const bool row_in = y >= 0 && y < P.H;
-    float* drow = dst + hy * h.cols * stride;
-#pragma unroll 4  // several pixels' loads in flight before their shared stores
-    for (int hx = 0; hx < h.cols; ++hx) {
-      const int x = h.x0 + hx;
-      const bool in = row_in && x >= 0 && x < P.W;
-      const T* srow = in ? src + pixel(t.b, y, x, P.H, P.W) * row_len + c0 : src;
-      for (int c = lane; c < pad; c += 32)
-        drow[hx * stride + c] = in && c < width ? to_f(srow[c]) : 0.f;
-    }
   }
 }
 

@@ -16,8 +16,9 @@
 #define SAPA_JAX_XLA_FFI_CUDA_V2_GATHER_CUH_
 
 #include "cuda/tile.cuh"
-#include "cuda/v2_forward.cuh"  // Shape, PaddedHalo, div_small
+#include "cuda/v2_forward.cuh"  // Shape, div_small
 #include "cuda/v2_plan.h"
+#include "cuda/v2_stage.cuh"  // stage_points_padded
 
 namespace sapa::cuda::v2 {
 template <int K, int S> constexpr int kUnrollRows = K * S * S <= 20 ? K + 1 : 1;
@@ -51,32 +52,6 @@ __device__ __forceinline__ void gather_taps(float* buf, const float* __restrict_
       const int my = ly0 + hy + ky - Sh::r - t.ty0, mx = lx0 + hx + kx - Sh::r - t.tx0;
       if (my >= 0 && my < t.ch && mx >= 0 && mx < t.cw)
         buf[((my * t.cw + mx) * Sh::T + tap) * Sh::s2pad + sy * S + sx] = base[e];
-    }
-  }
-}
-
-// dst[((hy * cols + hx) * s2 + si) * kChunk + c] = channel c0 + c of output point (sub-pixel si of
-// padded-halo centre (hy, hx)), 0 past width or for a centre outside the map. Warps take output
-// rows of the halo, lanes take channels; no runtime division.
-template <int S, typename T>
-__device__ __forceinline__ void stage_points_padded(float* dst, const T* __restrict__ src,
-                                                    int row_len, int c0, int width,
-                                                    const PaddedHalo& h, const Tile& t,
-                                                    const Params& P) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const bool lane_in = lane < width;
-  for (int row = warp; row < h.rows * S; row += kWarps) {
-    const int hy = row / S, sy = row - hy * S;
-    const int y = h.y0 + hy;
-    const bool row_in = y >= 0 && y < P.H;
-#pragma unroll 4  // several points' loads in flight before their shared stores
-    for (int col = 0; col < h.cols * S; ++col) {
-      const int hx = col / S, sx = col - hx * S;
-      const int x = h.x0 + hx;
-      const bool in = lane_in && row_in && x >= 0 && x < P.W;
-      float value = 0.f;
-      if (in) value = to_f(src[pixel(t.b, y * S + sy, x * S + sx, P.oH, P.oW) * row_len + c0 + lane]);
-      dst[((hy * h.cols + hx) * (S * S) + sy * S + sx) * kChunk + lane] = value;
     }
   }
 }

@@ -130,6 +130,18 @@ inline int64_t gather_shared_floats(const Params& P, int64_t TH, int64_t TW) {
   return TH * TW * P.T * P.s2pad + rows * (TW + 2 * int64_t{P.r}) * P.s2 * kChunk;
 }
 
+// backward_points_v2 (cuda/v2_points.cuh) reads q and g rows as 4-element vectors.
+inline bool use_points(const Params& P, bool g_aligned) {
+  return generation_setting.load() == 2 && specialised(P.K, P.s) && P.vec_q && P.C % 4 == 0 &&
+         g_aligned;
+}
+// Shared floats of backward_points_v2: w and dlogit per tap, dq's poison per point, then the
+// unclipped halo of one 32-channel chunk (no per-point staging: q and g stay in registers).
+inline int64_t points_shared_floats(const Params& P, int64_t TH, int64_t TW) {
+  const int64_t halo = (TH + 2 * int64_t{P.r}) * (TW + 2 * int64_t{P.r});
+  return 2 * TH * TW * P.T * P.s2pad + TH * TW * P.s2pad + halo * kChunkStride;
+}
+
 }  // namespace sapa::cuda::v2
 
 #endif  // SAPA_JAX_XLA_FFI_CUDA_V2_PLAN_H_
