@@ -49,34 +49,38 @@ def random_qkv(seed, batch, height, width, scale, dim, channels, dtype=np.float3
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
-@pytest.fixture(scope="session")
-def emu_module(tmp_path_factory):
-    """The CUDA emulator (tests/cuda_emulator), built once per session for every test file that
-    runs the SAPA CUDA kernels on it (test_cuda_emulated.py, test_cuda_v2_emulated.py,
-    test_cuda_plan_emulated.py)."""
+def build_emulator(tmp_path_factory, builder: str, what: str):
+    """One emulator module from `tests/cuda_emulator/build.py`'s `builder`, for `what` (the
+    sources named in the failure message); skipped where the tools are missing."""
     from cuda_emulator import build as emu_build  # tests/ is on sys.path (rootdir conftest)
     try:
-        return emu_build.build(tmp_path_factory.mktemp("cuda_emulator"))
+        return getattr(emu_build, builder)(tmp_path_factory.mktemp(builder))
     except emu_build.ToolMissing as e:
         pytest.skip(f"cannot build the CUDA emulator: {e}")
     except emu_build.BuildFailed as e:
         pytest.fail(str(e), pytrace=False)
     except emu_build.TransformMismatch as e:
-        pytest.fail(f"the CUDA sources no longer match tests/cuda_emulator/transform.py: {e}",
+        pytest.fail(f"{what} no longer match(es) tests/cuda_emulator/transform.py: {e}",
                     pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def emu_module(tmp_path_factory):
+    """The CUDA emulator (tests/cuda_emulator), built once per session for every test file that
+    runs the SAPA CUDA kernels on it (test_cuda_emulated.py, test_cuda_v2_emulated.py,
+    test_cuda_plan_emulated.py)."""
+    return build_emulator(tmp_path_factory, "build", "the SAPA CUDA sources")
 
 
 @pytest.fixture(scope="session")
 def carafe_emu_module(tmp_path_factory):
     """The CARAFE kernels on the CUDA emulator, built once per session
     (test_carafe_cuda_emulated.py, test_cuda_plan_emulated.py)."""
-    from cuda_emulator import build as emu_build
-    try:
-        return emu_build.build_carafe(tmp_path_factory.mktemp("carafe_cuda_emulator"))
-    except emu_build.ToolMissing as e:
-        pytest.skip(f"cannot build the CUDA emulator: {e}")
-    except emu_build.BuildFailed as e:
-        pytest.fail(str(e), pytrace=False)
-    except emu_build.TransformMismatch as e:
-        pytest.fail(f"xla_ffi/carafe_cuda.cu no longer matches tests/cuda_emulator/transform.py: "
-                    f"{e}", pytrace=False)
+    return build_emulator(tmp_path_factory, "build_carafe", "xla_ffi/carafe_cuda.cu")
+
+
+@pytest.fixture(scope="session")
+def deform_emu_module(tmp_path_factory):
+    """The SAPA-D kernels on the CUDA emulator, built once per session
+    (test_deform_cuda_emulated.py)."""
+    return build_emulator(tmp_path_factory, "build_deform", "xla_ffi/deform_cuda.cu")

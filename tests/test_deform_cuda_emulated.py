@@ -29,19 +29,6 @@ import kernel_cases  # noqa: E402
 NAMES = ("out", "dq", "dk", "dv", "doffsets")
 
 
-@pytest.fixture(scope="session")
-def deform_emu_module(tmp_path_factory):
-    try:
-        return emu_build.build_deform(tmp_path_factory.mktemp("deform_cuda_emulator"))
-    except emu_build.ToolMissing as e:
-        pytest.skip(f"cannot build the CUDA emulator: {e}")
-    except emu_build.BuildFailed as e:
-        pytest.fail(str(e), pytrace=False)
-    except emu_build.TransformMismatch as e:
-        pytest.fail(f"xla_ffi/deform_cuda.cu no longer matches tests/cuda_emulator/transform.py: "
-                    f"{e}", pytrace=False)
-
-
 @pytest.fixture
 def emu(deform_emu_module, capfd):
     """Default schedule, every barrier in place; fails on any UBSan report meanwhile."""
