@@ -163,3 +163,23 @@ def value_and_vjp(f, args, cot_dtype=None, seed=1):
         return (out, *vjp(cot))
 
     return run(tuple(args), cot)
+
+
+# Block and thread orders of the CUDA emulator (emu_core.h set_schedule): in order, reversed,
+# and two shuffles.
+EMULATOR_SCHEDULES = ((0, 0), (1, 0), (2, 1), (2, 2))
+
+
+def under_every_schedule(emu, run, *args):
+    """`run(emu, *args)` once per emulator schedule (then back to in order): the results."""
+    results = []
+    for mode, seed in EMULATOR_SCHEDULES:
+        emu.set_schedule(mode, seed)
+        results.append(run(emu, *args))
+    emu.set_schedule(0)
+    return results
+
+
+def bitwise_equal(a, b) -> bool:
+    """Every array of result tuple `a` has the bits of the one of `b`."""
+    return all(np.array_equal(u.view(np.uint8), v.view(np.uint8)) for u, v in zip(a, b))

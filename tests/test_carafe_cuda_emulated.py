@@ -119,33 +119,21 @@ def test_matches_jnp(emu, x64, case):
         assert rel(a, b) <= (1e-5 if name == "w_scratch" else tol), (name, rel(a, b))
 
 
-def _all_schedules(emu, args):
-    results = []
-    for mode, seed in ((0, 0), (1, 0), (2, 1), (2, 2)):
-        emu.set_schedule(mode, seed)
-        results.append(run_emulated(emu, *args))
-    emu.set_schedule(0)
-    return results
-
-
-def _same(a, b):
-    return all(np.array_equal(u.view(np.uint8), v.view(np.uint8)) for u, v in zip(a, b))
-
-
 def test_schedules_give_bitwise_equal_results_and_every_barrier_is_needed(emu):
     x, logits, g = inputs(3, (1,), 3, 4, 2, 2, 3, 8, np.float32)
     args = (x, logits, g, 3, 2, 2, "softmax")
-    runs = _all_schedules(emu, args)
+    runs = kernel_cases.under_every_schedule(emu, run_emulated, *args)
     for other in runs[1:]:
-        assert _same(runs[0], other), "the result depends on the thread or block order"
+        assert kernel_cases.bitwise_equal(runs[0], other), (
+            "the result depends on the thread or block order")
     assert emu.barrier_sites, "no barrier found in carafe_cuda.cu"
     for site in emu.barrier_sites:
         emu.drop_barrier(site.index)
         try:
-            dropped = _all_schedules(emu, args)
+            dropped = kernel_cases.under_every_schedule(emu, run_emulated, *args)
         finally:
             emu.drop_barrier(-1)
-        assert any(not _same(runs[0], r) for r in dropped), (
+        assert any(not kernel_cases.bitwise_equal(runs[0], r) for r in dropped), (
             f"dropping {site} changes nothing under any schedule: not needed, or not seen")
 
 

@@ -144,33 +144,21 @@ def test_boundary_and_integer_positions(emu, x64):
             assert np.any(got[4][0, 0, 0, 2:4] != 0.0)
 
 
-def _all_schedules(emu, args):
-    results = []
-    for mode, seed in ((0, 0), (1, 0), (2, 1), (2, 2)):
-        emu.set_schedule(mode, seed)
-        results.append(run_emulated(emu, *args))
-    emu.set_schedule(0)
-    return results
-
-
-def _same(a, b):
-    return all(np.array_equal(u.view(np.uint8), v.view(np.uint8)) for u, v in zip(a, b))
-
-
 def test_schedules_give_bitwise_equal_results_and_every_barrier_is_needed(emu):
     case = (4, 2, 3, 2, 2, (2, 2, 3), 1.6)
     args = (*case_inputs(case, np.float32, seed=4), 4, 2, 2)
-    runs = _all_schedules(emu, args)
+    runs = kernel_cases.under_every_schedule(emu, run_emulated, *args)
     for other in runs[1:]:
-        assert _same(runs[0], other), "the result depends on the thread or block order"
+        assert kernel_cases.bitwise_equal(runs[0], other), (
+            "the result depends on the thread or block order")
     assert len(emu.barrier_sites) == 4, emu.barrier_sites
     for site in emu.barrier_sites:
         emu.drop_barrier(site.index)
         try:
-            dropped = _all_schedules(emu, args)
+            dropped = kernel_cases.under_every_schedule(emu, run_emulated, *args)
         finally:
             emu.drop_barrier(-1)
-        assert any(not _same(runs[0], r) for r in dropped), (
+        assert any(not kernel_cases.bitwise_equal(runs[0], r) for r in dropped), (
             f"dropping {site} changes nothing under any schedule: not needed, or not seen")
 
 
