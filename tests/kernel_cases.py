@@ -183,3 +183,17 @@ def under_every_schedule(emu, run, *args):
 def bitwise_equal(a, b) -> bool:
     """Every array of result tuple `a` has the bits of the one of `b`."""
     return all(np.array_equal(u.view(np.uint8), v.view(np.uint8)) for u, v in zip(a, b))
+
+
+def emulator_in_default_state(module, capfd, what: str):
+    """Fixture body for an emulator module: the default schedule and every barrier in place,
+    restored afterwards; the test fails on any UBSan report (misaligned access, index out of
+    range, int overflow) that `what`'s kernels wrote meanwhile."""
+    from cuda_emulator import build as emu_build
+    module.set_schedule(0)
+    module.drop_barrier(-1)
+    yield module
+    module.set_schedule(0)
+    module.drop_barrier(-1)
+    reports = [l for l in capfd.readouterr().err.splitlines() if emu_build.UBSAN_REPORT in l]
+    assert not reports, f"UBSan in the emulated {what} kernels:\n" + "\n".join(reports[:10])

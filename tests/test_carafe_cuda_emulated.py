@@ -19,21 +19,14 @@ import sapa_jax
 from sapa_jax.reference import normalize as reference_normalize
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from cuda_emulator import build as emu_build  # noqa: E402
 from test_cuda_emulated import BF16, TOL, guarded, guards_intact  # noqa: E402
 import kernel_cases  # noqa: E402
 
 
 @pytest.fixture
 def emu(carafe_emu_module, capfd):
-    """Default schedule, every barrier in place; fails on any UBSan report meanwhile."""
-    carafe_emu_module.set_schedule(0)
-    carafe_emu_module.drop_barrier(-1)
-    yield carafe_emu_module
-    carafe_emu_module.set_schedule(0)
-    carafe_emu_module.drop_barrier(-1)
-    reports = [l for l in capfd.readouterr().err.splitlines() if emu_build.UBSAN_REPORT in l]
-    assert not reports, "UBSan in the emulated CARAFE kernels:\n" + "\n".join(reports[:10])
+    """The emulator with its default schedule and every barrier in place; fails on UBSan."""
+    yield from kernel_cases.emulator_in_default_state(carafe_emu_module, capfd, "CARAFE")
 
 
 def inputs(seed, lead, H, W, s, G, K, C, dtype):

@@ -72,15 +72,8 @@ GUARD = 1024
 
 @pytest.fixture
 def emu(emu_module, capfd):
-    """The emulator with its default schedule and every barrier in place; the test fails on any
-    UBSan report (misaligned access, index out of range, int overflow) written meanwhile."""
-    emu_module.set_schedule(0)
-    emu_module.drop_barrier(-1)
-    yield emu_module
-    emu_module.set_schedule(0)
-    emu_module.drop_barrier(-1)
-    reports = [l for l in capfd.readouterr().err.splitlines() if emu_build.UBSAN_REPORT in l]
-    assert not reports, "UBSan in the emulated CUDA kernels:\n" + "\n".join(reports[:10])
+    """The emulator with its default schedule and every barrier in place; fails on UBSan."""
+    yield from kernel_cases.emulator_in_default_state(emu_module, capfd, "CUDA")
 
 
 @pytest.fixture

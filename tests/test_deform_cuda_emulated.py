@@ -21,7 +21,6 @@ import sapa_jax
 from sapa_jax import _ffi
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from cuda_emulator import build as emu_build  # noqa: E402
 from test_cuda_emulated import BF16, TOL, guarded, guards_intact  # noqa: E402
 from test_deform import core_inputs  # noqa: E402
 import kernel_cases  # noqa: E402
@@ -31,14 +30,8 @@ NAMES = ("out", "dq", "dk", "dv", "doffsets")
 
 @pytest.fixture
 def emu(deform_emu_module, capfd):
-    """Default schedule, every barrier in place; fails on any UBSan report meanwhile."""
-    deform_emu_module.set_schedule(0)
-    deform_emu_module.drop_barrier(-1)
-    yield deform_emu_module
-    deform_emu_module.set_schedule(0)
-    deform_emu_module.drop_barrier(-1)
-    reports = [l for l in capfd.readouterr().err.splitlines() if emu_build.UBSAN_REPORT in l]
-    assert not reports, "UBSan in the emulated SAPA-D kernels:\n" + "\n".join(reports[:10])
+    """The emulator with its default schedule and every barrier in place; fails on UBSan."""
+    yield from kernel_cases.emulator_in_default_state(deform_emu_module, capfd, "SAPA-D")
 
 
 # (P, G, E, C/G, s, (B, H, W), offset spread)
