@@ -35,6 +35,7 @@
 #include "cuda/backward_gather.cuh"
 #include "cuda/backward_points.cuh"
 #include "cuda/forward.cuh"
+#include "cuda/launch.h"
 #include "cuda/plan.h"
 #include "cuda/v2_forward.cuh"
 #include "cuda/v2_gather.cuh"
@@ -60,13 +61,8 @@ namespace ffi = xla::ffi;
 namespace sapa::cuda {
 namespace {
 
-// The error of the last launch, if any.
-ffi::Error launch_error(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("SAPA CUDA ") + what +
-                              " launch failed: " + cudaGetErrorString(err));
-}
+// The error of the last launch, if any, naming SAPA (cuda/launch.h).
+ffi::Error launch_error(const char* kernel) { return sapa::cuda::launch_error("SAPA", kernel); }
 
 // Shared memory above the 48 KiB default needs an opt-in, set once per device and kernel
 // (cuda/runtime.h).

@@ -39,6 +39,15 @@ std::string backward(py::array q, py::array k, py::array v, py::array stats, py:
                                       kernel_size, scale, normalizer, border, eps));
 }
 
+// A device with the given shared-memory limits and multiprocessors, for the planner bindings.
+sapa::cuda::DeviceLimits device_with(int optin, int per_sm, int sms) {
+  sapa::cuda::DeviceLimits dev;
+  dev.optin = optin;
+  dev.per_sm = per_sm;
+  dev.sms = sms;
+  return dev;
+}
+
 // The v2 planner's whole plan (plan.h's Plan) for one problem on a device with the given limits;
 // kernel 3 forward_v2, 4 backward_gather_v2. TH > 0: the model's view of that tile and split
 // instead of the planner's choice.
@@ -46,10 +55,7 @@ py::dict plan_details(int kernel, int64_t n, int H, int W, int s, int K, int d, 
                       int optin, int per_sm, int sms, int TH, int TW, int splits) {
   using namespace sapa::cuda;
   const Params P = problem_params(n, H, W, s, K, d, C, 0, 0, 1e-6f, true);
-  DeviceLimits dev;
-  dev.optin = optin;
-  dev.per_sm = per_sm;
-  dev.sms = sms;
+  const DeviceLimits dev = device_with(optin, per_sm, sms);
   const Plan p = TH > 0 ? modelled_plan(static_cast<Kernel>(kernel), P, dev, TH, TW, splits)
                        : make_plan(static_cast<Kernel>(kernel), P, dev);
   py::dict out;
@@ -73,10 +79,7 @@ std::tuple<bool, int, int, size_t, int64_t> plan(int kernel, int64_t n, int H, i
                                                  int sms) {
   using namespace sapa::cuda;
   const Params P = problem_params(n, H, W, s, K, d, C, 0, 0, 1e-6f, true);
-  DeviceLimits dev;
-  dev.optin = optin;
-  dev.per_sm = per_sm;
-  dev.sms = sms;
+  const DeviceLimits dev = device_with(optin, per_sm, sms);
   const Plan p = make_plan(static_cast<Kernel>(kernel), P, dev);
   return {p.tiled, p.TH, p.TW, p.shared_bytes, p.blocks};
 }
