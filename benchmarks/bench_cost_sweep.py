@@ -9,8 +9,11 @@ bench_cpu_roofline.py. Draws docs/cost_sweep.png: time against nominal flops wit
 line (time the same flops would take at matmul's rate), and per swept parameter the fraction
 of matmul reached.
 
-    python benchmarks/bench_cost_sweep.py                      # about 3-6 minutes on 2 cores
-    python benchmarks/bench_cost_sweep.py --repeats 5 --json sweep.json
+    python benchmarks/bench_cost_sweep.py                      # 31 repeats, minutes on 2 cores
+    python benchmarks/bench_cost_sweep.py --repeats 5 --json sweep.json   # a quick look
+
+With 5 repeats one noisy VM gave 11-38% of matmul for the same preset point from sweep to sweep;
+31 on a quiet AVX-512 machine kept it within 26.5-28.5% (forward) across the sweeps.
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ def plot(rows, path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument("--png", type=str,
                         default=str(Path(__file__).resolve().parents[1] / "docs" / "cost_sweep.png"))
