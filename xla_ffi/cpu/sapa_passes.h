@@ -14,8 +14,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/normalise.h"
@@ -143,11 +145,6 @@ struct Kernel {
       if (!sapa::tap_counted(o.border, inside[e])) logit[e] = masked;
   }
 
-  // Is tap t of lane j counted? Zeros border: all (padding lanes included, harmlessly).
-  SAPA_INLINE bool counted(const uint8_t* inside, int64_t e) const {
-    return sapa::tap_counted(o.border, inside[e] != 0);
-  }
-
   // fn(j) for the lanes j < oW of output rows of centre row li that can have an out-of-map
   // tap: all of them near the top and bottom, else the r s lanes at either end.
   template <typename Fn> SAPA_INLINE void border_lanes(int64_t li, const Fn& fn) const {
@@ -227,22 +224,40 @@ struct Kernel {
           residual[j] += sapa::spread_residual(w[e + j], dw[e + j], centre[j]);
     }
     const A eps = A(o.eps);
-    for (int64_t e = 0; e < n * width; e += width)  // pass 3
-      for (int64_t j = 0; j < width; ++j)
-        dl[e + j] = counted(inside, e + j)
-                        ? sapa::tap_logit_gradient(
-                              o.normalizer, eps, st0[j], st1[j], logit[e + j], w[e + j],
-                              dw[e + j], sapa::spread(weight[j], centre[j], residual[j], dw[e + j]))
-                        : A(0);
+    // pass 3, with the border test and (softmax, none) the normaliser compile-time constants so
+    // that the lane loop vectorises; the formula per lane is the same
+    auto pass3 = [&](auto all_counted, auto norm) {
+      const int64_t normalizer = norm.value >= 0 ? norm.value : o.normalizer;
+      for (int64_t e = 0; e < n * width; e += width)
+        for (int64_t j = 0; j < width; ++j) {
+          const A grad = sapa::tap_logit_gradient(
+              normalizer, eps, st0[j], st1[j], logit[e + j], w[e + j], dw[e + j],
+              sapa::spread(weight[j], centre[j], residual[j], dw[e + j]));
+          dl[e + j] = all_counted.value || inside[e + j] ? grad : A(0);
+        }
+    };
+    auto by_normalizer = [&](auto all_counted) {
+      if (o.normalizer == sapa::kSoftmax)
+        pass3(all_counted, std::integral_constant<int64_t, sapa::kSoftmax>());
+      else if (o.normalizer == sapa::kNone)
+        pass3(all_counted, std::integral_constant<int64_t, sapa::kNone>());
+      else
+        pass3(all_counted, std::integral_constant<int64_t, -1>());
+    };
+    if (o.border == sapa::kZeros)
+      by_normalizer(std::true_type());
+    else
+      by_normalizer(std::false_type());
   }
 
-  // Per-thread buffers of the forward and the first backward pass. qT, gT, logit, dw, qzero and
-  // gzero hold the s output rows of a work item (row si at si times the row's size).
+  // Per-thread buffers of the forward and the first backward pass. qT, gT, logit, dw, qzero,
+  // gzero (and w, dl in the backward) hold the s output rows of a work item (row si at si times
+  // the row's size).
   struct Work {
     Band<T, A> kband, vband;
     std::vector<A> qT, gT, logit, w, dw, dl, spread, st0, st1, qzero, gzero, poison, coef;
-    // w and dl point-major: the taps of lane j at [j * taps] (the forward: s rows of wT, row si
-    // at si * oW * taps; coef and outs: the s * s points of one centre)
+    // w and dl point-major: the taps of lane j at [j * taps], s rows, row si at si * oW * taps
+    // (coef and outs: the s * s points of one centre)
     std::vector<A> wT, dlT;
     std::vector<uint8_t> inside;
     std::vector<const A*> rows, kwin, vwin;
@@ -256,14 +271,16 @@ struct Kernel {
         : kband(kn.g, kn.g.d, kn.band_w), vband(kn.g, backward ? kn.g.C : 0, kn.band_w),
           qT(zeros<A>(kn.g.s * kn.g.d * kn.width)),
           gT(zeros<A>(backward ? kn.g.s * kn.g.C * kn.width : 0)),
-          logit(zeros<A>(kn.g.s * kn.taps() * kn.width)), w(zeros<A>(kn.taps() * kn.width)),
+          logit(zeros<A>(kn.g.s * kn.taps() * kn.width)),
+          w(zeros<A>((backward ? kn.g.s : 1) * kn.taps() * kn.width)),
           dw(zeros<A>(backward ? kn.g.s * kn.taps() * kn.width : 0)),
-          dl(zeros<A>(backward ? kn.taps() * kn.width : 0)),
+          dl(zeros<A>(backward ? kn.g.s * kn.taps() * kn.width : 0)),
           spread(zeros<A>(backward ? 4 * kn.width : 0)), st0(zeros<A>(kn.width)), st1(st0),
           qzero(zeros<A>(kn.g.s * kn.width)), gzero(zeros<A>(backward ? kn.g.s * kn.width : 0)),
           poison(st0), coef(zeros<A>(kn.g.s * kn.g.s * kn.taps())),
           wT(zeros<A>(kn.g.s * kn.taps() * kn.width)),
-          dlT(dl), inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())),
+          dlT(zeros<A>(backward ? kn.g.s * kn.taps() * kn.width : 0)),
+          inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())),
           kwin(size_t(kn.g.K)), vwin(size_t(kn.g.K)), qrows(size_t(kn.g.s)), grows(qrows),
           logits(size_t(kn.g.s)), dws(logits), qzeros(logits), gzeros(logits),
           outs(size_t(kn.g.s * kn.g.s)), tap_of(size_t(kn.taps())),
@@ -289,20 +306,36 @@ struct Kernel {
     for (int64_t j = 0; j < g.oW(); ++j) coefT[j * taps() + centre_tap()] += poison[j];
   }
 
-  // out[sj] = sum over the inside taps of centre (li, lj) of coefT[j * taps + tap] * row(tap)
-  // for the s points j = lj * s + sj of one output row: the coefficients straight from the
-  // point-major coefT where every tap is inside, else gathered for the inside ones.
-  SAPA_INLINE void assemble_centre(int64_t lj, int64_t count, const A* coefT, int64_t channels,
-                                   Work& wk) const {
+  // out[p] = sum over the inside taps of one centre of coef[p * taps + tap] * row(tap) for its
+  // `points` points p (coef: their point-major coefficients of every tap; rows, tap_of and
+  // count as centre_rows gives them): straight from coef where every tap is inside, else
+  // gathered for the inside ones.
+  SAPA_INLINE void assemble_centre(int64_t points, int64_t count, const A* coef,
+                                   int64_t channels, Work& wk) const {
     const int64_t n = taps();
-    const A* coef = coefT + lj * g.s * n;
     if (count != n) {
-      for (int64_t sj = 0; sj < g.s; ++sj)
-        for (int64_t e = 0; e < count; ++e)
-          wk.coef[sj * n + e] = coef[sj * n + wk.tap_of[e]];
+      for (int64_t p = 0; p < points; ++p)
+        for (int64_t e = 0; e < count; ++e) wk.coef[p * n + e] = coef[p * n + wk.tap_of[e]];
       coef = wk.coef.data();
     }
-    weighted_rows_any(g.s, coef, n, wk.rows.data(), count, channels, wk.outs.data());
+    weighted_rows_any(points, coef, n, wk.rows.data(), count, channels, wk.outs.data());
+  }
+
+  // The rows in `band` of the inside taps of centre (li, lj), in tap order, and their tap
+  // indices; returns their number (inside_rows without the per-tap flags).
+  SAPA_INLINE int64_t centre_rows(const RowBand<T, A>& band, int64_t li, int64_t lj,
+                                  const A** rows, int64_t* tap_of) const {
+    const int64_t dx0 = std::max(-g.r, -lj), dx1 = std::min(g.r, g.W - 1 - lj);
+    int64_t count = 0;
+    for (int64_t dy = -g.r; dy <= g.r; ++dy) {
+      if (li + dy < 0 || li + dy >= g.H) continue;
+      const int64_t t0 = (dy + g.r) * g.K + g.r;
+      for (int64_t dx = dx0; dx <= dx1; ++dx) {
+        rows[count] = band.at(li + dy, lj + dx);
+        tap_of[count++] = t0 + dx;
+      }
+    }
+    return count;
   }
 
   // Forward: out and stats of output rows li*s .. li*s+s-1 of batch element b. The s * s points
@@ -361,23 +394,52 @@ struct Kernel {
     return ((b * g.H + mi) * g.W + mj) * taps() * g.s * g.s;
   }
 
-  // Writes the row-form coef (tap t of lane j at [t * width + j]) of output row i (centre row
-  // li) into gather-ordered scratch: the s sub-columns of a centre are contiguous on both sides.
-  SAPA_INLINE void scatter_taps(const A* coef, int64_t b, int64_t li, int64_t si,
-                                A* scratch) const {
-    const int64_t ss = g.s * g.s;
+  // Writes the row-form w and dl (tap t of lane j at [t * width + j], row si at si * taps *
+  // width) of the s output rows of centre row li into the gather-ordered scratch: the s * s
+  // points of a centre are contiguous there, so each (target, tap) takes one short run. S: s
+  // when it is small (the copies inline, not a memmove call each), else 0.
+  template <int S>
+  SAPA_INLINE void scatter_rows(const A* w, const A* dl, int64_t b, int64_t li, A* w_out,
+                                A* dl_out) const {
+    const int64_t s = S > 0 ? S : g.s, ss = s * s, row = taps() * width;
     for (int64_t dy = -g.r; dy <= g.r; ++dy) {
-      const int64_t mi = li + dy;
+      const int64_t mi = li + dy, p0 = (dy + g.r) * g.K + g.r;  // p0: the tap dx = 0
       if (mi < 0 || mi >= g.H) continue;
       for (int64_t mj = 0; mj < g.W; ++mj) {
-        A* dst = scratch + gather_at(b, mi, mj) + si * g.s;
-        for (int64_t dx = -g.r; dx <= g.r; ++dx) {
-          const int64_t lj = mj - dx;
-          if (lj < 0 || lj >= g.W) continue;
-          const int64_t p = (dy + g.r) * g.K + dx + g.r;
-          std::copy_n(coef + p * width + lj * g.s, g.s, dst + p * ss);
+        const int64_t at = gather_at(b, mi, mj) + p0 * ss;
+        A *wd = w_out + at, *dld = dl_out + at;
+        // taps dx whose centre lj = mj - dx is inside the row
+        const int64_t dx0 = std::max(-g.r, mj - (g.W - 1)), dx1 = std::min(g.r, mj);
+        for (int64_t dx = dx0; dx <= dx1; ++dx) {
+          const int64_t src = (p0 + dx) * width + (mj - dx) * s, dst = dx * ss;
+          if constexpr (S > 0) {  // through a local block: fixed-size copies, no aliasing
+            A wb[S * S], dlb[S * S];
+            for (int64_t si = 0; si < S; ++si) {
+              std::memcpy(wb + si * S, w + si * row + src, S * sizeof(A));
+              std::memcpy(dlb + si * S, dl + si * row + src, S * sizeof(A));
+            }
+            std::memcpy(wd + dst, wb, sizeof wb);
+            std::memcpy(dld + dst, dlb, sizeof dlb);
+          } else {
+            for (int64_t si = 0; si < s; ++si)
+              for (int64_t sj = 0; sj < s; ++sj) {
+                wd[dst + si * s + sj] = w[si * row + src + sj];
+                dld[dst + si * s + sj] = dl[si * row + src + sj];
+              }
+          }
         }
       }
+    }
+  }
+
+  SAPA_INLINE void scatter_taps(const A* w, const A* dl, int64_t b, int64_t li, A* w_out,
+                                A* dl_out) const {
+    switch (g.s) {
+      case 1: scatter_rows<1>(w, dl, b, li, w_out, dl_out); break;
+      case 2: scatter_rows<2>(w, dl, b, li, w_out, dl_out); break;
+      case 3: scatter_rows<3>(w, dl, b, li, w_out, dl_out); break;
+      case 4: scatter_rows<4>(w, dl, b, li, w_out, dl_out); break;
+      default: scatter_rows<0>(w, dl, b, li, w_out, dl_out); break;
     }
   }
 
@@ -391,7 +453,6 @@ struct Kernel {
     window(wk.vband, v, b, li, wk.vwin.data());
     wk.k.load(k + g.k_at(b, 0, 0), std::max<int64_t>(li - g.r, 0), std::min(li + g.r + 1, g.H));
     inside_mask(li, wk.inside.data());
-    A *w = wk.w.data(), *dl = wk.dl.data();
     A *st0 = wk.st0.data(), *st1 = wk.st1.data();
     const uint8_t* inside = wk.inside.data();
     for (int64_t si = 0; si < g.s; ++si) {
@@ -402,9 +463,11 @@ struct Kernel {
                       wk.qzeros.data());
     tap_products_rows(g.s, wk.grows.data(), wk.vwin.data(), g.C, wk.dws.data(),
                       wk.gzeros.data());  // dw_t = g . v[l+t]
-    for (int64_t i = li * g.s; i < (li + 1) * g.s; ++i) {
-      A *logit = wk.logits[i - li * g.s], *dw = wk.dws[i - li * g.s];
-      const A* qzero = wk.qzeros[i - li * g.s];
+    const int64_t row = n * width;
+    for (int64_t si = 0; si < g.s; ++si) {
+      const int64_t i = li * g.s + si;
+      A *logit = wk.logits[si], *dw = wk.dws[si], *w = wk.w.data() + si * row;
+      A* dl = wk.dl.data() + si * row;
       mask_uncounted(logit, inside);
       for (int64_t j = 0; j < g.oW(); ++j) {
         st0[j] = stat[g.stat_at(b, i, j)];
@@ -412,16 +475,19 @@ struct Kernel {
       }
       weights_from_stats(o.normalizer, taps(), width, logit, st0, st1, w);
       logit_gradients(logit, w, dw, st0, st1, inside, wk.spread.data(), dl);
-      dq_poison(li, dl, qzero, inside, wk.poison.data());
-      transpose(dl, width, n, g.oW(), wk.dlT.data(), n);
-      scatter_taps(w, b, li, i - li * g.s, w_out);
-      scatter_taps(dl, b, li, i - li * g.s, dl_out);
-      add_poison(wk.dlT.data(), wk.poison.data());
-      for (int64_t lj = 0; lj < g.W; ++lj) {
-        const int64_t count = inside_rows(wk.k, li, lj, wk.centre_inside.get(), wk.rows.data(),
-                                          wk.tap_of.data());
-        for (int64_t sj = 0; sj < g.s; ++sj) wk.outs[sj] = dq + g.q_at(b, i, lj * g.s + sj);
-        assemble_centre(lj, count, wk.dlT.data(), g.d, wk);
+      dq_poison(li, dl, wk.qzeros[si], inside, wk.poison.data());
+      // point-major (row si at si * oW * taps): the s points of a centre in a row side by side
+      A* dlT = wk.dlT.data() + si * g.oW() * n;
+      transpose(dl, width, n, g.oW(), dlT, n);
+      add_poison(dlT, wk.poison.data());
+    }
+    scatter_taps(wk.w.data(), wk.dl.data(), b, li, w_out, dl_out);
+    for (int64_t lj = 0; lj < g.W; ++lj) {  // dq: the s * s points of each centre
+      const int64_t count = centre_rows(wk.k, li, lj, wk.rows.data(), wk.tap_of.data());
+      for (int64_t si = 0; si < g.s; ++si) {
+        for (int64_t sj = 0; sj < g.s; ++sj)
+          wk.outs[sj] = dq + g.q_at(b, li * g.s + si, lj * g.s + sj);
+        assemble_centre(g.s, count, wk.dlT.data() + (si * g.oW() + lj * g.s) * n, g.d, wk);
       }
     }
   }

@@ -122,8 +122,13 @@ SAPA_INLINE void column_dots_rows(const A* const* a, int64_t a_stride, const A* 
           for (int si = 0; si < S; ++si) acc[si][m][v] += x[si][v] * y;
         }
     }
+    // unrolled early, so that acc becomes registers: inlined into the passes, a rolled copy
+    // loop kept acc on the stack and g++ stored every sum there in each step of the c loop
+#pragma GCC unroll 16
     for (int si = 0; si < S; ++si)
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m)
+#pragma GCC unroll 16
         for (int64_t v = 0; v < NV; ++v)
           std::memcpy(out[si * M + m] + j0 + v * L, &acc[si][m][v], sizeof(V));
   }
