@@ -260,7 +260,7 @@ struct Kernel {
     // (coef and outs: the s * s points of one centre)
     std::vector<A> wT, dlT;
     std::vector<uint8_t> inside;
-    std::vector<const A*> rows, kwin, vwin;
+    std::vector<const A*> rows, rows0, coefs, kwin, vwin;  // rows0, coefs: the forward's
     std::vector<A*> qrows, grows;  // row si of qT and gT
     std::vector<A*> logits, dws, qzeros, gzeros;
     std::vector<T*> outs;
@@ -280,7 +280,8 @@ struct Kernel {
           poison(st0), coef(zeros<A>(kn.g.s * kn.g.s * kn.taps())),
           wT(zeros<A>(kn.g.s * kn.taps() * kn.width)),
           dlT(zeros<A>(backward ? kn.g.s * kn.taps() * kn.width : 0)),
-          inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())),
+          inside(size_t(kn.taps() * kn.width)), rows(size_t(kn.taps())), rows0(rows),
+          coefs(size_t(kn.g.s * kn.g.s)),
           kwin(size_t(kn.g.K)), vwin(size_t(kn.g.K)), qrows(size_t(kn.g.s)), grows(qrows),
           logits(size_t(kn.g.s)), dws(logits), qzeros(logits), gzeros(logits),
           outs(size_t(kn.g.s * kn.g.s)), tap_of(size_t(kn.taps())),
@@ -365,23 +366,35 @@ struct Kernel {
       transpose(wk.w.data(), width, n, g.oW(), wk.wT.data() + si * row, n);
       add_poison(wk.wT.data() + si * row, wk.poison.data());
     }
+    // v is 0 outside the map: only inside taps enter the sum. Centres with every tap inside
+    // (the interior) take their rows by offset from those of centre column r and their weights
+    // in place from wT; the others gather the weights of their inside taps into coef.
+    const bool rows_inside = li >= g.r && li + g.r < g.H;
+    if (rows_inside && g.r < g.W - g.r)
+      inside_rows(wk.v, li, g.r, wk.centre_inside.get(), wk.rows0.data(), wk.tap_of.data());
     for (int64_t lj = 0; lj < g.W; ++lj) {
-      // v is 0 outside the map: only inside taps enter the sum
-      const int64_t count = inside_rows(wk.v, li, lj, wk.centre_inside.get(), wk.rows.data(),
-                                        wk.tap_of.data());
+      int64_t count = n;
+      if (rows_inside && lj >= g.r && lj + g.r < g.W) {
+        const int64_t shift = (lj - g.r) * g.C;
+        for (int64_t t = 0; t < n; ++t) wk.rows[t] = wk.rows0[t] + shift;
+      } else {
+        count = inside_rows(wk.v, li, lj, wk.centre_inside.get(), wk.rows.data(),
+                            wk.tap_of.data());
+      }
       for (int64_t si = 0; si < g.s; ++si)
         for (int64_t sj = 0; sj < g.s; ++sj) {
           const int64_t p = si * g.s + sj;
           const A* coef = wk.wT.data() + si * row + (lj * g.s + sj) * n;
-          A* dst = wk.coef.data() + p * n;
           if (count == n) {
-            std::copy(coef, coef + n, dst);
+            wk.coefs[p] = coef;
           } else {
+            A* dst = wk.coef.data() + p * n;
             for (int64_t e = 0; e < count; ++e) dst[e] = coef[wk.tap_of[e]];
+            wk.coefs[p] = dst;
           }
           wk.outs[p] = out + g.out_at(b, li * g.s + si, lj * g.s + sj);
         }
-      weighted_rows_any(ss, wk.coef.data(), n, wk.rows.data(), count, g.C, wk.outs.data());
+      weighted_rows_at_any(ss, wk.coefs.data(), wk.rows.data(), count, g.C, wk.outs.data());
     }
   }
 

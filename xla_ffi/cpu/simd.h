@@ -41,11 +41,17 @@ template <typename A> SAPA_INLINE typename Simd<A>::type load_vec(const A* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+// *p = v, unaligned, without taking v's address: a memcpy from an accumulator array made g++
+// keep the array on the stack and store every accumulator to it on each iteration.
+template <typename A> SAPA_INLINE void put_vec(A* p, typename Simd<A>::type v) {
+  typedef A Unaligned __attribute__((vector_size(kVectorBytes), aligned(alignof(A)), may_alias));
+  *reinterpret_cast<Unaligned*>(p) = v;
+}
 // Stores the lanes of v at p, converted to the storage type T.
 template <typename T, typename A>
-SAPA_INLINE void store_vec(const typename Simd<A>::type& v, T* p) {
+SAPA_INLINE void store_vec(typename Simd<A>::type v, T* p) {
   if constexpr (std::is_same_v<T, A>) {
-    std::memcpy(p, &v, sizeof v);
+    put_vec(p, v);
   } else {
     A lanes[Simd<A>::lanes];
     std::memcpy(lanes, &v, sizeof v);
@@ -81,7 +87,7 @@ SAPA_INLINE void column_dots(const A* __restrict a, int64_t a_stride, const A* c
           acc[m][v] += x[v] * load_vec(b[m] + c * b_stride + j0 + v * L);
     }
     for (int m = 0; m < M; ++m)
-      for (int64_t v = 0; v < NV; ++v) std::memcpy(out[m] + j0 + v * L, &acc[m][v], sizeof(V));
+      for (int64_t v = 0; v < NV; ++v) put_vec(out[m] + j0 + v * L, acc[m][v]);
   }
 }
 
@@ -130,7 +136,7 @@ SAPA_INLINE void column_dots_rows(const A* const* a, int64_t a_stride, const A* 
       for (int m = 0; m < M; ++m)
 #pragma GCC unroll 16
         for (int64_t v = 0; v < NV; ++v)
-          std::memcpy(out[si * M + m] + j0 + v * L, &acc[si][m][v], sizeof(V));
+          put_vec(out[si * M + m] + j0 + v * L, acc[si][m][v]);
   }
 }
 
@@ -154,13 +160,12 @@ SAPA_INLINE void column_dots_rows_any(int m, const A* const* a, int64_t a_stride
   }
 }
 
-// Channels [c0, c0 + NV * lanes) of weighted_rows below. With few accumulators (P * NV small,
-// as for one point and few channels) the terms t go round-robin into U partial sums that are
-// added at the end, so that U * P * NV independent FMA chains hide the FMA latency.
-template <int P, int64_t NV, typename T, typename A>
-SAPA_INLINE void weighted_rows_block(const A* __restrict coef, int64_t coef_stride,
-                                     const A* const* rows, int64_t count, int64_t c0,
-                                     T* const* out) {
+// Channels [c0, c0 + NV * lanes) of weighted_rows_with below. With few accumulators (P * NV
+// small, as for one point and few channels) the terms t go round-robin into U partial sums that
+// are added at the end, so that U * P * NV independent FMA chains hide the FMA latency.
+template <int P, int64_t NV, typename T, typename A, typename Coef>
+SAPA_INLINE void weighted_rows_block(const Coef& coef, const A* const* rows, int64_t count,
+                                     int64_t c0, T* const* out) {
   using V = typename Simd<A>::type;
   constexpr int64_t L = Simd<A>::lanes;
   constexpr int64_t U = std::clamp<int64_t>(kAccumulators / (P * NV), 1, 4);
@@ -171,7 +176,7 @@ SAPA_INLINE void weighted_rows_block(const A* __restrict coef, int64_t coef_stri
       V x[NV];
       for (int64_t v = 0; v < NV; ++v) x[v] = load_vec(rows[t + u] + c0 + v * L);
       for (int p = 0; p < P; ++p) {
-        const A w = coef[p * coef_stride + t + u];
+        const A w = coef(p, t + u);
         for (int64_t v = 0; v < NV; ++v) acc[u][p][v] += w * x[v];
       }
     }
@@ -180,7 +185,7 @@ SAPA_INLINE void weighted_rows_block(const A* __restrict coef, int64_t coef_stri
     V x[NV];
     for (int64_t v = 0; v < NV; ++v) x[v] = load_vec(rows[t] + c0 + v * L);
     for (int p = 0; p < P; ++p) {
-      const A w = coef[p * coef_stride + t];
+      const A w = coef(p, t);
       for (int64_t v = 0; v < NV; ++v) acc[0][p][v] += w * x[v];
     }
   }
@@ -188,52 +193,75 @@ SAPA_INLINE void weighted_rows_block(const A* __restrict coef, int64_t coef_stri
     for (int p = 0; p < P; ++p)
       for (int64_t v = 0; v < NV; ++v) acc[0][p][v] += acc[u][p][v];
   for (int p = 0; p < P; ++p) {
-    for (int64_t v = 0; v < NV; ++v) {
-      if constexpr (std::is_same_v<T, A>) {
-        std::memcpy(out[p] + c0 + v * L, &acc[0][p][v], sizeof(V));
-      } else {
-        A result[L];
-        std::memcpy(result, &acc[0][p][v], sizeof result);
-        for (int64_t u = 0; u < L; ++u) out[p][c0 + v * L + u] = From<T>::of(result[u]);
-      }
-    }
+    for (int64_t v = 0; v < NV; ++v) store_vec<T, A>(acc[0][p][v], out[p] + c0 + v * L);
   }
 }
 
-// out[p][c] = sum_t coef[p * coef_stride + t] * rows[t][c], t = 0..count-1 in order, stored as
-// T, for P points sharing the rows (the s output points of one low-res centre). Channels go in
-// blocks of decreasing width, then scalars. The order of the sum depends on count, P and the
-// channel's block only, never on threads or data.
-template <int P, typename T, typename A>
-SAPA_INLINE void weighted_rows(const A* coef, int64_t coef_stride, const A* const* rows,
-                               int64_t count, int64_t channels, T* const* out) {
+// out[p][c] = sum_t coef(p, t) * rows[t][c], t = 0..count-1 in order, stored as T, for P points
+// sharing the rows (the s output points of one low-res centre). Channels go in blocks of
+// decreasing width, then scalars. The order of the sum depends on count, P and the channel's
+// block only, never on threads, data or how coef(p, t) finds its value.
+template <int P, typename T, typename A, typename Coef>
+SAPA_INLINE void weighted_rows_with(const Coef& coef, const A* const* rows, int64_t count,
+                                    int64_t channels, T* const* out) {
   constexpr int64_t L = Simd<A>::lanes;
   constexpr int64_t NV = P >= kAccumulators ? 1 : kAccumulators / P;
   int64_t c0 = 0;
   for (; c0 + NV * L <= channels; c0 += NV * L)
-    weighted_rows_block<P, NV>(coef, coef_stride, rows, count, c0, out);
+    weighted_rows_block<P, NV>(coef, rows, count, c0, out);
   if constexpr (NV > 4) {
     for (; c0 + 4 * L <= channels; c0 += 4 * L)
-      weighted_rows_block<P, 4>(coef, coef_stride, rows, count, c0, out);
+      weighted_rows_block<P, 4>(coef, rows, count, c0, out);
   }
   if constexpr (NV > 2) {
     if (c0 + 2 * L <= channels) {
-      weighted_rows_block<P, 2>(coef, coef_stride, rows, count, c0, out);
+      weighted_rows_block<P, 2>(coef, rows, count, c0, out);
       c0 += 2 * L;
     }
   }
   if constexpr (NV > 1) {
     if (c0 + L <= channels) {
-      weighted_rows_block<P, 1>(coef, coef_stride, rows, count, c0, out);
+      weighted_rows_block<P, 1>(coef, rows, count, c0, out);
       c0 += L;
     }
   }
   for (; c0 < channels; ++c0)
     for (int p = 0; p < P; ++p) {
       A acc = A(0);
-      for (int64_t t = 0; t < count; ++t) acc += coef[p * coef_stride + t] * rows[t][c0];
+      for (int64_t t = 0; t < count; ++t) acc += coef(p, t) * rows[t][c0];
       out[p][c0] = From<T>::of(acc);
     }
+}
+
+// weighted_rows_with, coefficient t of point p at coef[p * coef_stride + t].
+template <int P, typename T, typename A>
+SAPA_INLINE void weighted_rows(const A* coef, int64_t coef_stride, const A* const* rows,
+                               int64_t count, int64_t channels, T* const* out) {
+  weighted_rows_with<P>([&](int p, int64_t t) { return coef[p * coef_stride + t]; }, rows, count,
+                        channels, out);
+}
+
+// weighted_rows_with, coefficient t of point p at coef[p][t] (no copy into a block).
+template <int P, typename T, typename A>
+SAPA_INLINE void weighted_rows_at(const A* const* coef, const A* const* rows, int64_t count,
+                                  int64_t channels, T* const* out) {
+  weighted_rows_with<P>([&](int p, int64_t t) { return coef[p][t]; }, rows, count, channels,
+                        out);
+}
+
+// weighted_rows_at for any number of points, in groups of up to 4.
+template <typename T, typename A>
+SAPA_INLINE void weighted_rows_at_any(int64_t points, const A* const* coef, const A* const* rows,
+                                      int64_t count, int64_t channels, T* const* out) {
+  for (int64_t p0 = 0; p0 < points; p0 += 4) {
+    const A* const* c = coef + p0;
+    switch (std::min<int64_t>(points - p0, 4)) {
+      case 1: weighted_rows_at<1>(c, rows, count, channels, out + p0); break;
+      case 2: weighted_rows_at<2>(c, rows, count, channels, out + p0); break;
+      case 3: weighted_rows_at<3>(c, rows, count, channels, out + p0); break;
+      default: weighted_rows_at<4>(c, rows, count, channels, out + p0); break;
+    }
+  }
 }
 
 // weighted_rows for any number of points, in groups of up to 4.
