@@ -249,35 +249,37 @@ SAPA_INLINE void weighted_rows_at(const A* const* coef, const A* const* rows, in
                         out);
 }
 
-// weighted_rows_at for any number of points, in groups of up to 4.
-template <typename T, typename A>
-SAPA_INLINE void weighted_rows_at_any(int64_t points, const A* const* coef, const A* const* rows,
-                                      int64_t count, int64_t channels, T* const* out) {
+// fn(std::integral_constant<int, P>, p0) for the points p0 .. p0 + P - 1, in groups of up to 4:
+// the weighted_rows kernels are instantiated for P = 1..4 only.
+template <typename Fn> SAPA_INLINE void in_point_groups(int64_t points, const Fn& fn) {
   for (int64_t p0 = 0; p0 < points; p0 += 4) {
-    const A* const* c = coef + p0;
     switch (std::min<int64_t>(points - p0, 4)) {
-      case 1: weighted_rows_at<1>(c, rows, count, channels, out + p0); break;
-      case 2: weighted_rows_at<2>(c, rows, count, channels, out + p0); break;
-      case 3: weighted_rows_at<3>(c, rows, count, channels, out + p0); break;
-      default: weighted_rows_at<4>(c, rows, count, channels, out + p0); break;
+      case 1: fn(std::integral_constant<int, 1>{}, p0); break;
+      case 2: fn(std::integral_constant<int, 2>{}, p0); break;
+      case 3: fn(std::integral_constant<int, 3>{}, p0); break;
+      default: fn(std::integral_constant<int, 4>{}, p0); break;
     }
   }
 }
 
-// weighted_rows for any number of points, in groups of up to 4.
+// weighted_rows_at for any number of points.
+template <typename T, typename A>
+SAPA_INLINE void weighted_rows_at_any(int64_t points, const A* const* coef, const A* const* rows,
+                                      int64_t count, int64_t channels, T* const* out) {
+  in_point_groups(points, [&](auto group, int64_t p0) {
+    weighted_rows_at<decltype(group)::value>(coef + p0, rows, count, channels, out + p0);
+  });
+}
+
+// weighted_rows for any number of points.
 template <typename T, typename A>
 SAPA_INLINE void weighted_rows_any(int64_t points, const A* coef, int64_t coef_stride,
                                    const A* const* rows, int64_t count, int64_t channels,
                                    T* const* out) {
-  for (int64_t p0 = 0; p0 < points; p0 += 4) {
-    const A* c = coef + p0 * coef_stride;
-    switch (std::min<int64_t>(points - p0, 4)) {
-      case 1: weighted_rows<1>(c, coef_stride, rows, count, channels, out + p0); break;
-      case 2: weighted_rows<2>(c, coef_stride, rows, count, channels, out + p0); break;
-      case 3: weighted_rows<3>(c, coef_stride, rows, count, channels, out + p0); break;
-      default: weighted_rows<4>(c, coef_stride, rows, count, channels, out + p0); break;
-    }
-  }
+  in_point_groups(points, [&](auto group, int64_t p0) {
+    weighted_rows<decltype(group)::value>(coef + p0 * coef_stride, coef_stride, rows, count,
+                                          channels, out + p0);
+  });
 }
 
 // out[j] = exp(x[j] - shift[j]) for j < width (a multiple of kLanes). For float a vectorised
