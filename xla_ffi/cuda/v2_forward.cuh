@@ -117,58 +117,80 @@ __device__ __forceinline__ void logits_unrolled(float* buf, const float* B,
   }
 }
 
+// Register block of the assemblies: kSub sub-pixels x kBlockChannels adjacent channels of one
+// centre, one work item's outputs (docs/design.md §3, register-blocked assembly).
+constexpr int kBlockChannels = 4;
+using AssemblyBlock = float[kSub][kBlockChannels];
+
+// acc[i][j] += sum over the T taps p of w[p * kTapStride + i] * x[window pixel p][j], taps in
+// row-major order (the order of the generic kernels, so the sums are bitwise theirs). x points
+// at the item's first channel in the window's top-left pixel of a padded halo (pixel stride
+// kPixel floats, cols pixels a row), w at the item's sub-pixel group of tap 0. One float4 of x
+// and one of w feed 16 FMAs: the tap loop of both the forward assembly and pass 1's dq.
+template <int K, int kPixel, int kTapStride>
+__device__ __forceinline__ void blocked_taps(const float* x, int cols, const float* w,
+                                             AssemblyBlock& acc) {
+#pragma unroll(K <= 5 ? K : 1)  // at K = 7 whole rows: 49 unrolled taps spill at s = 4
+  for (int dy = 0; dy < K; ++dy) {
+    const float* xrow = x + dy * cols * kPixel;
+#pragma unroll
+    for (int dx = 0; dx < K; ++dx) {
+      const float4 x4 = *reinterpret_cast<const float4*>(xrow + dx * kPixel);
+      const float4 w4 = *reinterpret_cast<const float4*>(w + (dy * K + dx) * kTapStride);
+      const float xs[kBlockChannels] = {x4.x, x4.y, x4.z, x4.w};
+      const float ws[kSub] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+      for (int i = 0; i < kSub; ++i)
+#pragma unroll
+        for (int j = 0; j < kBlockChannels; ++j) acc[i][j] = fmaf(ws[i], xs[j], acc[i][j]);
+    }
+  }
+}
+
+// Writes a work item's block: channels 0 .. n - 1 (n <= kBlockChannels) of the sub-pixels of
+// group sg that exist. o0 points at the item's first channel of the centre's sub-pixel (0, 0);
+// the others are whole output rows (out_row elements) and points (row_len elements) away.
+template <int S, typename T>
+__device__ __forceinline__ void store_block(T* __restrict__ o0, int64_t out_row, int row_len,
+                                            int sg, int n, const AssemblyBlock& acc) {
+#pragma unroll
+  for (int i = 0; i < kSub; ++i) {
+    const int si = sg * kSub + i;
+    if (si >= S * S) break;
+    const int sy = si / S;
+    T* o = o0 + sy * out_row + (si - sy * S) * row_len;
+#pragma unroll
+    for (int j = 0; j < kBlockChannels; ++j)
+      if (j < n) o[j] = from_f<T>(acc[i][j]);
+  }
+}
+
 // dst[point][c0 + c] = sum over all T taps p of wbuf[ci][p][si] * V[padded halo pixel of l + p][c]
-// for c < width <= kValueChunk. Work item = (centre, group of 4 sub-pixels, lane); the lane owns
-// the adjacent channels 2 lane and 2 lane + 1 (one float2 shared load per tap feeds 8 FMAs with
-// the tap's float4 of weights). Out-of-map taps read the staged zeros: no branches.
+// for c < width <= kValueChunk. Work item = (centre, group of 4 sub-pixels, 4 adjacent
+// channels): 16 lanes cover the chunk, a warp two items. Out-of-map taps read the staged zeros,
+// and so do channels past width (the chunk is staged zero-padded): no branches in the taps.
 template <int K, int S, typename T>
 __device__ __forceinline__ void assemble_unrolled(T* __restrict__ dst, int row_len, int c0,
                                                   int width, const float* V, const float* wbuf,
                                                   const PaddedHalo& h, const Tile& t,
                                                   const Params& P) {
   using Sh = Shape<K, S>;
-  const int items = t.ncent * Sh::groups * 32;
+  constexpr int kLanes = kValueChunk / kBlockChannels;  // work items per (centre, group)
+  const int items = t.ncent * Sh::groups * kLanes;
   const float inv_cw = 1.f / static_cast<float>(t.cw);
   const int64_t out_row = int64_t{P.oW} * row_len;  // one output row, in elements
   for (int it = threadIdx.x; it < items; it += kThreads) {
-    const int c = 2 * (it & 31);
+    const int c = kBlockChannels * (it % kLanes);
     if (c >= width) continue;
-    const bool two = c + 1 < width;
-    const int grp = it >> 5;
+    const int grp = it / kLanes;
     const int ci = grp / Sh::groups, sg = grp - ci * Sh::groups;
     const int cy = div_small(ci, inv_cw), cx = ci - cy * t.cw;
-    const float* vbase = V + (cy * h.cols + cx) * kValueChunk + c;
-    const float* wcol = wbuf + ci * Sh::T * Sh::s2pad + sg * kSub;
-    float acc[kSub][2] = {};
-#pragma unroll
-    for (int dy = 0; dy < K; ++dy) {
-      const float* vrow = vbase + dy * h.cols * kValueChunk;
-#pragma unroll
-      for (int dx = 0; dx < K; ++dx) {
-        const float2 v2 = *reinterpret_cast<const float2*>(vrow + dx * kValueChunk);
-        const float4 w4 = *reinterpret_cast<const float4*>(wcol + (dy * K + dx) * Sh::s2pad);
-        acc[0][0] = fmaf(w4.x, v2.x, acc[0][0]);
-        acc[0][1] = fmaf(w4.x, v2.y, acc[0][1]);
-        acc[1][0] = fmaf(w4.y, v2.x, acc[1][0]);
-        acc[1][1] = fmaf(w4.y, v2.y, acc[1][1]);
-        acc[2][0] = fmaf(w4.z, v2.x, acc[2][0]);
-        acc[2][1] = fmaf(w4.z, v2.y, acc[2][1]);
-        acc[3][0] = fmaf(w4.w, v2.x, acc[3][0]);
-        acc[3][1] = fmaf(w4.w, v2.y, acc[3][1]);
-      }
-    }
-    // Output of sub-pixel (0, 0) of the centre; the others are whole rows and columns away.
+    AssemblyBlock acc = {};
+    blocked_taps<K, kValueChunk, Sh::s2pad>(V + (cy * h.cols + cx) * kValueChunk + c, h.cols,
+                                            wbuf + ci * Sh::T * Sh::s2pad + sg * kSub, acc);
     T* const o0 = dst + pixel(t.b, (t.ty0 + cy) * S, (t.tx0 + cx) * S, P.oH, P.oW) * row_len +
                   c0 + c;
-#pragma unroll
-    for (int i = 0; i < kSub; ++i) {
-      const int si = sg * kSub + i;
-      if (si >= Sh::s2) break;
-      const int sy = si / S;
-      T* o = o0 + sy * out_row + (si - sy * S) * row_len;
-      o[0] = from_f<T>(acc[i][0]);
-      if (two) o[1] = from_f<T>(acc[i][1]);
-    }
+    store_block<S>(o0, out_row, row_len, sg, min(kBlockChannels, width - c), acc);
   }
 }
 

@@ -90,49 +90,37 @@ __device__ __forceinline__ void point_gradients(float* wbuf, float* dbuf, float*
 
 // dst[point][c0 + c] = poison[point] + sum over the T taps p of dlogit[ci][p][si] *
 // Kh[padded halo pixel of l + p][c] for c < width <= kChunk, Kh a key chunk at row stride
-// kChunkStride. Work item = (centre, group of 4 sub-pixels, lane = channel): one shared load
-// of k and one float4 of dlogits feed 4 FMAs per tap; padded taps read the staged zeros.
+// kChunkStride. Work item = (centre, group of 4 sub-pixels, 4 adjacent channels), the forward's
+// blocked tap loop: 8 lanes cover the chunk, a warp four items; padded taps and channels past
+// width read the staged zeros.
 template <int K, int S, typename T>
 __device__ __forceinline__ void assemble_dq(T* __restrict__ dst, int c0, int width,
                                             const float* Kh, const float* dbuf,
                                             const float* poison, const PaddedHalo& h,
                                             const Tile& t, const Params& P) {
   using Sh = Shape<K, S>;
-  const int items = t.ncent * Sh::groups * 32;
+  constexpr int kLanes = kChunk / kBlockChannels;  // work items per (centre, group)
+  const int items = t.ncent * Sh::groups * kLanes;
   const float inv_cw = 1.f / static_cast<float>(t.cw);
   const int64_t out_row = int64_t{P.oW} * P.d;  // one output row, in elements
   for (int it = threadIdx.x; it < items; it += kThreads) {
-    const int lane = it & 31;
-    if (lane >= width) continue;
-    const int grp = it >> 5;
+    const int c = kBlockChannels * (it % kLanes);
+    if (c >= width) continue;
+    const int grp = it / kLanes;
     const int ci = grp / Sh::groups, sg = grp - ci * Sh::groups;
     const int cy = div_small(ci, inv_cw), cx = ci - cy * t.cw;
-    const float* kbase = Kh + (cy * h.cols + cx) * kChunkStride + lane;
-    const float* dcol = dbuf + ci * Sh::T * Sh::s2pad + sg * kSub;
     const float4 p4 = *reinterpret_cast<const float4*>(poison + ci * Sh::s2pad + sg * kSub);
-    float acc[kSub] = {p4.x, p4.y, p4.z, p4.w};
+    AssemblyBlock acc;
+    const float start[kSub] = {p4.x, p4.y, p4.z, p4.w};
 #pragma unroll
-    for (int dy = 0; dy < K; ++dy) {
+    for (int i = 0; i < kSub; ++i)
 #pragma unroll
-      for (int dx = 0; dx < K; ++dx) {
-        const float kv = kbase[(dy * h.cols + dx) * kChunkStride];
-        const float4 d4 = *reinterpret_cast<const float4*>(dcol + (dy * K + dx) * Sh::s2pad);
-        acc[0] = fmaf(d4.x, kv, acc[0]);
-        acc[1] = fmaf(d4.y, kv, acc[1]);
-        acc[2] = fmaf(d4.z, kv, acc[2]);
-        acc[3] = fmaf(d4.w, kv, acc[3]);
-      }
-    }
-    // dq of sub-pixel (0, 0) of the centre; the others are whole rows and columns away.
+      for (int j = 0; j < kBlockChannels; ++j) acc[i][j] = start[i];
+    blocked_taps<K, kChunkStride, Sh::s2pad>(Kh + (cy * h.cols + cx) * kChunkStride + c, h.cols,
+                                             dbuf + ci * Sh::T * Sh::s2pad + sg * kSub, acc);
     T* const o0 =
-        dst + pixel(t.b, (t.ty0 + cy) * S, (t.tx0 + cx) * S, P.oH, P.oW) * P.d + c0 + lane;
-#pragma unroll
-    for (int i = 0; i < kSub; ++i) {
-      const int si = sg * kSub + i;
-      if (si >= Sh::s2) break;
-      const int sy = si / S;
-      o0[sy * out_row + (si - sy * S) * P.d] = from_f<T>(acc[i]);
-    }
+        dst + pixel(t.b, (t.ty0 + cy) * S, (t.tx0 + cx) * S, P.oH, P.oW) * P.d + c0 + c;
+    store_block<S>(o0, out_row, P.d, sg, min(kBlockChannels, width - c), acc);
   }
 }
 
