@@ -123,14 +123,15 @@ constexpr int kBlockChannels = 4;
 using AssemblyBlock = float[kSub][kBlockChannels];
 
 // acc[i][j] += sum over the T taps p of w[p * kTapStride + i] * x[window pixel p][j], taps in
-// row-major order (the order of the generic kernels, so the sums are bitwise theirs). x points
-// at the item's first channel in the window's top-left pixel of a padded halo (pixel stride
-// kPixel floats, cols pixels a row), w at the item's sub-pixel group of tap 0. One float4 of x
-// and one of w feed 16 FMAs: the tap loop of both the forward assembly and pass 1's dq.
+// row-major order (that of the unblocked loops it replaced, so the sums are bitwise theirs).
+// x points at the item's first channel in the window's top-left pixel of a padded halo (pixel
+// stride kPixel floats, cols pixels a row), w at the item's sub-pixel group of tap 0. One float4
+// of x and one of w feed 16 FMAs: the tap loop of both the forward assembly and pass 1's dq.
 template <int K, int kPixel, int kTapStride>
 __device__ __forceinline__ void blocked_taps(const float* x, int cols, const float* w,
                                              AssemblyBlock& acc) {
-#pragma unroll(K <= 5 ? K : 1)  // at K = 7 whole rows: 49 unrolled taps spill at s = 4
+// K = 7: one window row per iteration (49 unrolled taps spilled at s = 4)
+#pragma unroll(K <= 5 ? K : 1)
   for (int dy = 0; dy < K; ++dy) {
     const float* xrow = x + dy * cols * kPixel;
 #pragma unroll
@@ -145,6 +146,24 @@ __device__ __forceinline__ void blocked_taps(const float* x, int cols, const flo
         for (int j = 0; j < kBlockChannels; ++j) acc[i][j] = fmaf(ws[i], xs[j], acc[i][j]);
     }
   }
+}
+
+// Work item `it` of a blocked assembly (kLanes items per centre and sub-pixel group, each
+// kBlockChannels channels): its first channel c in the chunk, its centre (index ci, tile row cy,
+// column cx) and its sub-pixel group sg.
+struct BlockItem {
+  int c, ci, sg, cy, cx;
+};
+template <int kLanes, int kGroups>
+__device__ __forceinline__ BlockItem block_item(int it, const Tile& t, float inv_cw) {
+  BlockItem b;
+  b.c = kBlockChannels * (it % kLanes);
+  const int grp = it / kLanes;
+  b.ci = grp / kGroups;
+  b.sg = grp - b.ci * kGroups;
+  b.cy = div_small(b.ci, inv_cw);
+  b.cx = b.ci - b.cy * t.cw;
+  return b;
 }
 
 // Writes a work item's block: channels 0 .. n - 1 (n <= kBlockChannels) of the sub-pixels of
@@ -180,17 +199,15 @@ __device__ __forceinline__ void assemble_unrolled(T* __restrict__ dst, int row_l
   const float inv_cw = 1.f / static_cast<float>(t.cw);
   const int64_t out_row = int64_t{P.oW} * row_len;  // one output row, in elements
   for (int it = threadIdx.x; it < items; it += kThreads) {
-    const int c = kBlockChannels * (it % kLanes);
-    if (c >= width) continue;
-    const int grp = it / kLanes;
-    const int ci = grp / Sh::groups, sg = grp - ci * Sh::groups;
-    const int cy = div_small(ci, inv_cw), cx = ci - cy * t.cw;
+    const BlockItem b = block_item<kLanes, Sh::groups>(it, t, inv_cw);
+    if (b.c >= width) continue;
     AssemblyBlock acc = {};
-    blocked_taps<K, kValueChunk, Sh::s2pad>(V + (cy * h.cols + cx) * kValueChunk + c, h.cols,
-                                            wbuf + ci * Sh::T * Sh::s2pad + sg * kSub, acc);
-    T* const o0 = dst + pixel(t.b, (t.ty0 + cy) * S, (t.tx0 + cx) * S, P.oH, P.oW) * row_len +
-                  c0 + c;
-    store_block<S>(o0, out_row, row_len, sg, min(kBlockChannels, width - c), acc);
+    blocked_taps<K, kValueChunk, Sh::s2pad>(V + (b.cy * h.cols + b.cx) * kValueChunk + b.c,
+                                            h.cols, wbuf + b.ci * Sh::T * Sh::s2pad + b.sg * kSub,
+                                            acc);
+    T* const o0 = dst + pixel(t.b, (t.ty0 + b.cy) * S, (t.tx0 + b.cx) * S, P.oH, P.oW) * row_len +
+                  c0 + b.c;
+    store_block<S>(o0, out_row, row_len, b.sg, min(kBlockChannels, width - b.c), acc);
   }
 }
 

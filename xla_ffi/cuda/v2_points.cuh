@@ -104,23 +104,21 @@ __device__ __forceinline__ void assemble_dq(T* __restrict__ dst, int c0, int wid
   const float inv_cw = 1.f / static_cast<float>(t.cw);
   const int64_t out_row = int64_t{P.oW} * P.d;  // one output row, in elements
   for (int it = threadIdx.x; it < items; it += kThreads) {
-    const int c = kBlockChannels * (it % kLanes);
-    if (c >= width) continue;
-    const int grp = it / kLanes;
-    const int ci = grp / Sh::groups, sg = grp - ci * Sh::groups;
-    const int cy = div_small(ci, inv_cw), cx = ci - cy * t.cw;
-    const float4 p4 = *reinterpret_cast<const float4*>(poison + ci * Sh::s2pad + sg * kSub);
+    const BlockItem b = block_item<kLanes, Sh::groups>(it, t, inv_cw);
+    if (b.c >= width) continue;
+    const float4 p4 = *reinterpret_cast<const float4*>(poison + b.ci * Sh::s2pad + b.sg * kSub);
     AssemblyBlock acc;
     const float start[kSub] = {p4.x, p4.y, p4.z, p4.w};
 #pragma unroll
     for (int i = 0; i < kSub; ++i)
 #pragma unroll
       for (int j = 0; j < kBlockChannels; ++j) acc[i][j] = start[i];
-    blocked_taps<K, kChunkStride, Sh::s2pad>(Kh + (cy * h.cols + cx) * kChunkStride + c, h.cols,
-                                             dbuf + ci * Sh::T * Sh::s2pad + sg * kSub, acc);
+    blocked_taps<K, kChunkStride, Sh::s2pad>(Kh + (b.cy * h.cols + b.cx) * kChunkStride + b.c,
+                                             h.cols, dbuf + b.ci * Sh::T * Sh::s2pad + b.sg * kSub,
+                                             acc);
     T* const o0 =
-        dst + pixel(t.b, (t.ty0 + cy) * S, (t.tx0 + cx) * S, P.oH, P.oW) * P.d + c0 + c;
-    store_block<S>(o0, out_row, P.d, sg, min(kBlockChannels, width - c), acc);
+        dst + pixel(t.b, (t.ty0 + b.cy) * S, (t.tx0 + b.cx) * S, P.oH, P.oW) * P.d + c0 + b.c;
+    store_block<S>(o0, out_row, P.d, b.sg, min(kBlockChannels, width - b.c), acc);
   }
 }
 
