@@ -86,11 +86,13 @@ ROLES = {
 V2_ROLES = {
     "logits_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
     "assemble_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
-    "stage_padded": ("stage", "for (int hx = 0; hx < h.cols; ++hx) {", ("fixed", 4)),
+    # f32 staging is cp.async, its row loops not unrolled (v2_stage.cuh): 1 row per iteration
+    "stage_padded": ("stage", "for (int hx = 0; hx < h.cols; ++hx, at += row_len) {",
+                     ("fixed", 1)),
     # a strip of 2 low-res points per thread: 2 K*K point-taps per iteration
     "gather_strips": ("tap", None, ("fixed", lambda p: 2 * p["K"] ** 2)),
-    "stage_points_padded": ("stage", "for (int col = 0; col < h.cols * S; ++col) {",
-                            ("fixed", 4)),
+    "stage_points_padded": ("stage", "for (int col = 0; col < h.cols * S; ++col, at += row_len) {",
+                            ("fixed", 1)),
     # backward pass 1 (v2_points.cuh): per output point, all K*K taps of the normalisation and
     # logit gradient; then dq, one (centre, 4 sub-pixels, channel) item per iteration
     "point_gradients": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),

@@ -2,14 +2,15 @@
 
 test_cuda_emulated.py says what the emulator checks and what it cannot. This file runs the v2
 paths (compile-time K in {3, 5, 7} and s in {1, 2, 4}, zero-padded halos, unrolled taps, the
-strip gather of backward pass 2, backward pass 1 with q and g in registers, the batched staging
-of v2_stage.cuh) against the float64 jnp reference, and checks that
+strip gather of backward pass 2, backward pass 1 with q and g in registers, the staging
+of v2_stage.cuh, asynchronous copies from f32) against the float64 jnp reference, and checks that
 
 - the module's kernel-generation switch (`set_kernel_generation`) really changes the kernels
   that run where v2 applies (their shared memory differs) and nothing where it does not;
 - generation 1 and 2 agree to rounding on the same inputs;
 - results are bitwise independent of thread and block order (no races);
-- every barrier of the v2 kernels is needed (dropping it is noticed under some schedule);
+- every barrier of the v2 kernels, and the wait for the f32 staging's asynchronous copies, is
+  needed (dropping it is noticed under some schedule);
 - NaN and Inf propagate as in jnp; UBSan stays silent (the `emu` fixture).
 
 The matrix is small on purpose (each case is one XLA compile of the reference): it covers every
@@ -189,6 +190,8 @@ def test_v2_results_do_not_depend_on_schedule(emu, gen, probe):
 def test_every_v2_barrier_is_needed(emu, gen):
     sites = v2_barriers(emu)
     assert sites, "no barrier of xla_ffi/cuda/v2_*.cuh is numbered by the emulator"
+    # the f32 staging's cp.async wait is numbered with the barriers: dropping it must show too
+    assert any(site.call.startswith("__pipeline_wait_prior(") for site in sites), sites
     baselines = {p: base.run_probe(emu, gen, PROBES[p]) for p in PROBES}
     unnoticed = []
     for site in sites:
@@ -201,6 +204,25 @@ def test_every_v2_barrier_is_needed(emu, gen):
             unnoticed.append(str(site))
     emu.drop_barrier(-1)
     assert not unnoticed, "dropping these went unnoticed:\n" + "\n".join(unnoticed)
+
+
+def test_emulated_async_copies_arrive_only_when_waited_for(emu_module):
+    """The emulator's model of cp.async (include/cuda_pipeline_primitives.h), which the f32
+    staging relies on: a copy's bytes arrive at the wait for its group, never earlier, and
+    misuse is a launch error."""
+    src = np.arange(64, dtype=np.float32)
+    error, out = emu_module.async_copy_probe(0)  # both groups waited for
+    assert error == "" and np.array_equal(out, src)
+    error, out = emu_module.async_copy_probe(1)  # read before the wait: NaN, not the data
+    assert error == "" and np.isnan(out).all()
+    error, out = emu_module.async_copy_probe(2)  # never committed: the wait does not cover them
+    assert error == "" and np.isnan(out).all()
+    error, out = emu_module.async_copy_probe(3)  # wait_prior(1): the newest group still pending
+    assert error == "" and np.array_equal(out[:32], src[:32]) and np.isnan(out[32:]).all()
+    error, _ = emu_module.async_copy_probe(4)
+    assert "aligned" in error, error
+    error, _ = emu_module.async_copy_probe(5)
+    assert "destination outside dynamic shared memory" in error, error
 
 
 @pytest.mark.parametrize("border", base.BORDERS)

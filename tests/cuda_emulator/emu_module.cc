@@ -120,6 +120,39 @@ py::tuple logit_gradients(int64_t normalizer, int64_t border, double eps,
   return py::make_tuple(stats, w, dlogit);
 }
 
+// One block of 32 threads exercising the emulator's asynchronous copies
+// (include/cuda_pipeline_primitives.h), for the tests of that model. Thread t copies src[t] and
+// src[32 + t] into shared memory in two groups and writes what it then reads to out[t] and
+// out[32 + t]. Modes: 0 waits for both groups; 1 reads before waiting; 2 never commits; 3
+// waits for all but the newest group; 4 copies to a misaligned and 5 to a global destination.
+void async_copy_probe_kernel(int mode, const float* src, float* out) {
+  float* sh = reinterpret_cast<float*>(emu::dyn_shared());
+  const int t = static_cast<int>(threadIdx.x);
+  float* dst = sh;
+  if (mode == 4) dst = reinterpret_cast<float*>(reinterpret_cast<char*>(sh) + 2);
+  if (mode == 5) dst = out;
+  for (int group = 0; group < 2; ++group) {
+    __pipeline_memcpy_async(dst + 32 * group + t, src + 32 * group + t, sizeof(float));
+    if (mode != 2) __pipeline_commit();
+  }
+  if (mode == 1)
+    for (int group = 0; group < 2; ++group) out[32 * group + t] = sh[32 * group + t];
+  __pipeline_wait_prior(mode == 3 ? 1 : 0);
+  if (mode != 1 && mode != 5)
+    for (int group = 0; group < 2; ++group) out[32 * group + t] = sh[32 * group + t];
+}
+
+// (launch error, out) of async_copy_probe_kernel in `mode` with src = 0, 1, ..., 63.
+py::tuple async_copy_probe(int mode) {
+  std::vector<float> src(64), out(64, -1.f);
+  for (int i = 0; i < 64; ++i) src[i] = static_cast<float>(i);
+  emu::launch(async_copy_probe_kernel, emu::Cfg(dim3(1), 32, 64 * sizeof(float)), mode,
+              src.data(), out.data());
+  std::string error;
+  error.swap(emu::last_error);
+  return py::make_tuple(error, py::array_t<float>(64, out.data()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(sapa_cuda_emu, m) {
@@ -132,6 +165,7 @@ PYBIND11_MODULE(sapa_cuda_emu, m) {
   m.def("backward", &backward);
   m.def("logit_gradients_f32", &logit_gradients<float>);
   m.def("logit_gradients_f64", &logit_gradients<double>);
+  m.def("async_copy_probe", &async_copy_probe, py::arg("mode"));
   emu::add_controls(m);
   m.def("contract", [] { return sapa::contract(sapa::cuda::kSupportedTypes); });
   // The planner settings of the CUDA module's set_planner (sapa_handlers.h).

@@ -11,6 +11,9 @@ Every barrier call (`__syncthreads()`, `__syncwarp()`) in the kernels is also nu
 all files) and wrapped so that the emulator can skip one of them at run time
 (`emu::dropped_barrier`): the tests drop each barrier in turn and check that the race checks
 notice, which shows both that the barrier is needed and that the checks can see its absence.
+The waits for asynchronous copies (`__pipeline_wait_prior(n)`) are numbered with them: a dropped
+wait leaves its copies undone (include/cuda_pipeline_primitives.h), which the tests must notice
+too.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;"
 # `name<T><<<grid, block, bytes, stream>>>(` -> `emu::launch(name<T>, emu::Cfg(...), `
 # (also `ns::name<T, K, S>`: the v2 kernels have compile-time K and s)
 LAUNCH = re.compile(r"((?:\w+::)*\w+\s*<[\w\s,:]*>)\s*<<<(.*?)>>>\s*\(", re.S)
-BARRIER = re.compile(r"\b(__syncthreads|__syncwarp)\(\)")
+BARRIER = re.compile(r"\b(__syncthreads|__syncwarp|__pipeline_wait_prior)\((\d*)\)")
 
 
 class TransformMismatch(RuntimeError):
@@ -30,7 +33,8 @@ class TransformMismatch(RuntimeError):
 
 
 class BarrierSite(NamedTuple):
-    """One barrier call of the CUDA sources: its number in the emulator, where it is, what it says."""
+    """One barrier call (or async-copy wait) of the CUDA sources: its number in the emulator,
+    where it is, what it says."""
     index: int
     file: str
     line: int
@@ -39,7 +43,7 @@ class BarrierSite(NamedTuple):
 
     def __str__(self):
         note = f"  // {self.comment}" if self.comment else ""
-        return f"barrier #{self.index} at {self.file}:{self.line}: {self.call}(){note}"
+        return f"barrier #{self.index} at {self.file}:{self.line}: {self.call}{note}"
 
 
 def number_barriers(name: str, src: str, first: int) -> tuple[str, list[BarrierSite]]:
@@ -52,7 +56,7 @@ def number_barriers(name: str, src: str, first: int) -> tuple[str, list[BarrierS
 
         def wrap(m, line_no=i + 1, comment=comment.strip()):
             index = first + len(sites)
-            sites.append(BarrierSite(index, name, line_no, m[1], comment))
+            sites.append(BarrierSite(index, name, line_no, m[0], comment))
             return f"EMU_BARRIER({index}, {m[0]})"
 
         lines[i] = BARRIER.sub(wrap, code) + sep + comment

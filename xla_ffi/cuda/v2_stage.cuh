@@ -3,17 +3,46 @@
 // width, so the tap loops that read them carry no bounds checks. One header for every v2 kernel
 // (forward_v2, backward_points_v2, backward_gather_v2).
 //
-// Division-free: warps take staged rows, lanes take channels, and a row's columns are walked
-// with `#pragma unroll 4`, so several loads can be in flight before their shared stores.
-// Explicit batching (all loads of 4 entries into registers, then the 4 stores) was tried and
-// dropped: it costs forward_v2<bf16, 7, 2> and backward_gather_v2<float, 5, 2> spills at the 80
-// registers of three blocks per multiprocessor (issue 15 item 4 stays open).
+// Division-free: warps take staged rows, lanes take channels. From float inputs every entry is
+// an asynchronous copy (cp.async, through cuda_pipeline_primitives.h): no register holds the
+// value, so all of a thread's loads of a staging are in flight at once, waited for once at its
+// end. Other dtypes are converted through a register, a row's columns walked with
+// `#pragma unroll 4` so that several loads are in flight before their shared stores. (Batching
+// those loads explicitly in registers cost forward_v2<bf16, 7, 2> and
+// backward_gather_v2<float, 5, 2> spills at the 80 registers of three blocks per multiprocessor.)
 #ifndef SAPA_JAX_XLA_FFI_CUDA_V2_STAGE_CUH_
 #define SAPA_JAX_XLA_FFI_CUDA_V2_STAGE_CUH_
+
+#include <cuda_pipeline_primitives.h>
+
+#include <type_traits>
 
 #include "cuda/tile.cuh"
 
 namespace sapa::cuda::v2 {
+
+// *dst = in ? float(*src) : 0, dst in shared memory: from float an asynchronous copy, complete
+// only after end_staging<T>(); src is read only where in.
+template <typename T>
+__device__ __forceinline__ void stage_entry(float* dst, const T* src, bool in) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (in)
+      __pipeline_memcpy_async(dst, src, sizeof(float));
+    else
+      *dst = 0.f;
+  } else {
+    *dst = in ? to_f(*src) : 0.f;
+  }
+}
+
+// Waits for this thread's copies of the staging (the callers' barrier then publishes them).
+template <typename T>
+__device__ __forceinline__ void end_staging() {
+  if constexpr (std::is_same_v<T, float>) {
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+  }
+}
 
 // The unclipped halo of a tile: rows y0 .. y0 + rows - 1, columns x0 .. x0 + cols - 1.
 struct PaddedHalo {
@@ -36,15 +65,18 @@ __device__ __forceinline__ void stage_padded(float* dst, int stride, int pad,
     const int y = h.y0 + hy;
     const bool row_in = y >= 0 && y < P.H;
     float* drow = dst + hy * h.cols * stride;
-#pragma unroll 4  // several pixels' loads in flight before their shared stores
-    for (int hx = 0; hx < h.cols; ++hx) {
+    // element index of channel c0 of pixel (y, x0 + hx), stepped per column (read only where in)
+    int64_t at = pixel(t.b, y, h.x0, P.H, P.W) * row_len + c0;
+#pragma unroll(std::is_same_v<T, float> ? 1 : 2)
+    for (int hx = 0; hx < h.cols; ++hx, at += row_len) {
       const int x = h.x0 + hx;
       const bool in = row_in && x >= 0 && x < P.W;
-      const T* srow = in ? src + pixel(t.b, y, x, P.H, P.W) * row_len + c0 : src;
+      const T* srow = src + (in ? at : 0);
       for (int c = lane; c < pad; c += 32)
-        drow[hx * stride + c] = in && c < width ? to_f(srow[c]) : 0.f;
+        stage_entry(drow + hx * stride + c, srow + c, in && c < width);
     }
   }
+  end_staging<T>();
 }
 
 // dst[((hy * cols + hx) * s2 + si) * kChunk + c] = channel c0 + c of output point (sub-pixel si
@@ -61,17 +93,18 @@ __device__ __forceinline__ void stage_points_padded(float* dst, const T* __restr
     const int hy = row / S, sy = row - hy * S;
     const int y = h.y0 + hy;
     const bool row_in = y >= 0 && y < P.H;
-#pragma unroll 4  // several points' loads in flight before their shared stores
-    for (int col = 0; col < h.cols * S; ++col) {
+    // element index of this lane's channel of output point (row, col), stepped per column
+    int64_t at = pixel(t.b, y * S + sy, h.x0 * S, P.oH, P.oW) * row_len + c0 + lane;
+#pragma unroll(std::is_same_v<T, float> ? 1 : 2)
+    for (int col = 0; col < h.cols * S; ++col, at += row_len) {
       const int hx = col / S, sx = col - hx * S;
       const int x = h.x0 + hx;
       const bool in = lane_in && row_in && x >= 0 && x < P.W;
-      float value = 0.f;
-      if (in)
-        value = to_f(src[pixel(t.b, y * S + sy, x * S + sx, P.oH, P.oW) * row_len + c0 + lane]);
-      dst[((hy * h.cols + hx) * (S * S) + sy * S + sx) * kChunk + lane] = value;
+      stage_entry(dst + ((hy * h.cols + hx) * (S * S) + sy * S + sx) * kChunk + lane,
+                  src + (in ? at : 0), in);
     }
   }
+  end_staging<T>();
 }
 
 }  // namespace sapa::cuda::v2

@@ -74,7 +74,14 @@ constexpr size_t kStackBytes = 256 * 1024;
 struct Launch { unsigned grid; int block; size_t shared_bytes; int device; };  // grid: blocks
 
 enum class State { kRunning, kAtBlockBarrier, kAtWarpBarrier, kDone };
-struct Fiber { ucontext_t ctx; State state; };
+// An asynchronous global -> shared copy (cuda_pipeline_primitives.h), performed at its wait.
+struct AsyncCopy { void* dst; const void* src; size_t bytes; };
+struct Fiber {
+  ucontext_t ctx;
+  State state;
+  std::vector<AsyncCopy> open;                 // issued since the last commit
+  std::vector<std::vector<AsyncCopy>> groups;  // committed, oldest first, not yet waited for
+};
 
 inline dim3 cur_thread, cur_block, block_dim, grid_dim;
 inline std::vector<Fiber> fibers;
@@ -90,6 +97,7 @@ inline std::string last_error_reported;  // what cudaGetErrorString shows
 // cudaFuncSetAttribute's opt-ins and how often each was set, by (device, kernel)
 inline std::map<std::pair<int, const void*>, int> max_dynamic_shared, opt_in_calls;
 inline std::vector<Launch> launches;  // read by the tests
+inline std::string device_fault;      // a misuse seen inside a kernel, reported by the launch
 
 // Order in which fibers (per barrier interval) and blocks (per grid) run; see the header.
 enum class Schedule { kInOrder = 0, kReversed = 1, kShuffled = 2 };
@@ -184,6 +192,8 @@ __attribute__((noinline)) inline void init_fiber(int t) {
   fibers[t].ctx.uc_stack.ss_size = kStackBytes;
   fibers[t].ctx.uc_link = &scheduler;
   fibers[t].state = State::kRunning;
+  fibers[t].open.clear();  // copies a finished block never waited for are lost
+  fibers[t].groups.clear();
   makecontext(&fibers[t].ctx, fiber_entry, 0);
 }
 
@@ -191,6 +201,7 @@ template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
   const unsigned blocks = cfg.grid.x * cfg.grid.y;
   launches.push_back({blocks, cfg.block, cfg.shared_bytes, cfg.device});
+  device_fault.clear();
   auto it = max_dynamic_shared.find({cfg.device, reinterpret_cast<const void*>(kernel)});
   const size_t allowed = it == max_dynamic_shared.end() ? kDefaultShared : it->second;
   if (cfg.device != current_device) {  // a GPU refuses a stream of another device
@@ -223,6 +234,7 @@ void launch(void (*kernel)(KArgs...), Cfg cfg, Args&&... args) {
     for (int t = 0; t < cfg.block; ++t) init_fiber(t);
     std::string err = run_block(cfg.block);
     if (err.empty() && !guard_intact(floats)) err = "write past the end of dynamic shared memory";
+    if (err.empty()) err.swap(device_fault);
     if (!err.empty()) {
       last_error = err + " (block " + std::to_string(b) + ")";
       return;
