@@ -48,7 +48,8 @@ Output lines (parsed by tests/test_sass_report.py):
    (split: blocks per tile, each over a share of the channels; halo: staged / useful elements of
    a block; model: the v2 planner's modelled time, "-" for the generic kernels it does not plan)
 
-Usage: python scripts/sass_report.py [--arch sm_90] [--generation 1|2|all] [--keep DIR]
+Usage: python scripts/sass_report.py [--arch sm_90] [--keep DIR] [--no-plans]
+       [--cubin CUBIN PTXAS_LOG]
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ H100_SMS, H100_OPTIN, H100_PER_SM = 132, 232448, 233472  # H100 SXM and H200 ali
 THREADS = 256
 PRESET = dict(K=5, s=2, d=32, C=256)
 
-# role -> (kind, loop header text or None, taps per iteration).
+# role -> (kind, loop header, taps per iteration). The header is the loop's source text in the
+# role's function, or (helper, text) for a loop in a helper the role calls, or None.
 # kind "tap": a LOOP line; "stage": a STAGE line (rows instead of taps).
 # Taps per iteration: ("ffma", F) = the loop's FFMAs (outside its inner loops) // F, for the
 # generic kernels, whose runtime tap loops nvcc unrolls by 2 or 4 and F is the source's FFMA count
@@ -86,13 +88,16 @@ ROLES = {
 V2_ROLES = {
     "logits_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
     "assemble_unrolled": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
-    # f32 staging is cp.async, its row loops not unrolled (v2_stage.cuh): 1 row per iteration
-    "stage_padded": ("stage", "for (int hx = 0; hx < h.cols; ++hx, at += row_len) {",
-                     ("fixed", 1)),
+    # f32 staging at the preset: the 16-byte cp.async loops of v2_stage.cuh's helpers, each
+    # iteration a warp's 32 x 16 bytes = 4 rows of 32 channels
+    "stage_padded": ("stage", ("stage_padded_vectors", "for (int hx = first; hx < h.cols; "
+                                                       "hx += step, at += step * row_len) {"),
+                     ("fixed", 4)),
     # a strip of 2 low-res points per thread: 2 K*K point-taps per iteration
     "gather_strips": ("tap", None, ("fixed", lambda p: 2 * p["K"] ** 2)),
-    "stage_points_padded": ("stage", "for (int col = 0; col < h.cols * S; ++col, at += row_len) {",
-                            ("fixed", 1)),
+    "stage_points_padded": ("stage", ("stage_points_vectors", "for (int col = first; col < "
+                                      "h.cols * S; col += step, at += step * row_len) {"),
+                            ("fixed", 4)),
     # backward pass 1 (v2_points.cuh): per output point, all K*K taps of the normalisation and
     # logit gradient; then dq, one (centre, 4 sub-pixels, channel) item per iteration
     "point_gradients": ("tap", None, ("fixed", lambda p: p["K"] ** 2)),
@@ -406,9 +411,11 @@ def analyse(funcs: list[Function], kernels: set[str], index: SourceIndex,
                 continue
             chosen = None
             if header is not None:
+                # the header is in the role's function, or in a (helper, header) it calls
+                where, text = header if isinstance(header, tuple) else (role, header)
                 lines = set()
                 for f in source_files:
-                    n = index.line_of(str(f), role, header)
+                    n = index.line_of(str(f), where, text)
                     if n:
                         lines.add((str(f), n))
                 on_header = [lp for lp in mine if lp.branch_line in lines]

@@ -110,4 +110,5 @@ def test_function_extents_name_the_kernel_roles():
     for role, (_, header, _) in roles.items():
         if header is None:
             continue
-        assert any(index.line_of(str(p), role, header) for p in sources), (role, header)
+        where, text = header if isinstance(header, tuple) else (role, header)
+        assert any(index.line_of(str(p), where, text) for p in sources), (role, header)

@@ -53,14 +53,16 @@ __host__ __device__ inline int gather_chunks(const Params& P) {
 }
 
 // ---- the planner's model of one block (plan.h) ----
-// Instruction costs in warp instructions, from scripts/sass_report.py at sm_90 (K=5, s=2; f32):
-// staging one 32-channel pixel row (stage_padded 24.5, stage_points_padded 22.2); one tap of a
-// 32-channel q.k per thread (logits_unrolled 44.0); one tap of an assembly item (13.3: 4
-// sub-pixels x 2 channels); one point-tap of the gather per group of 4 sub-pixels (8.6). The
-// per-point normalisation and the scratch gather are estimates (no report line).
-inline constexpr double kStageRowInstr = 24.0;
-inline constexpr double kLogitTapInstr = 44.0;
-inline constexpr double kAssembleTapInstr = 13.3;
+// Instruction costs in warp instructions, from scripts/sass_report.py at sm_90 (K=5, s=2; f32
+// rows 16-byte aligned): staging one 32-channel pixel row (16-byte cp.async: stage_padded 6.0,
+// stage_points_padded 6.5); one tap of a 32-channel q.k per thread (logits_unrolled 44.3); the
+// assembly per centre, group of 4 sub-pixels, tap and 64-channel chunk (assemble_unrolled: 22.0
+// per item of 4 sub-pixels x 4 channels, 16 items a chunk = half a warp: 11.0); one point-tap
+// of the gather per group of 4 sub-pixels (8.6). The per-point normalisation and the scratch
+// gather are estimates (no report line).
+inline constexpr double kStageRowInstr = 6.3;
+inline constexpr double kLogitTapInstr = 44.3;
+inline constexpr double kAssembleTapInstr = 11.0;
 inline constexpr double kGatherTapInstr = 8.6;
 inline constexpr double kNormaliseTapInstr = 24.0;   // estimate, per point and tap
 inline constexpr double kScratchInstr = 16.0;        // estimate, per scratch element gathered
