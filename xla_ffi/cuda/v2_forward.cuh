@@ -55,13 +55,16 @@ __device__ __forceinline__ CentrePoint<S> centre_point(int pt, const Tile& t, fl
 }
 
 // a[c] = channel c0 + c of row (0 past d) as 4-element vector loads; needs P.vec_q (d % 4 == 0
-// and an aligned q), which the launcher checks before it picks a v2 kernel.
+// and an aligned q), which the launcher checks before it picks a v2 kernel. A whole chunk (every
+// chunk but a tail) loads without the per-quad tests and zeroed registers.
 template <typename T>
 __device__ __forceinline__ void load_query_quads(const T* __restrict__ row, int width,
                                                  float (&a)[kChunk]) {
+  const bool whole = width >= kChunk;
 #pragma unroll
   for (int u = 0; u < kChunk / 4; ++u) {
-    const float4 x = 4 * u < width ? load4(row + 4 * u) : make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4 x =
+        whole || 4 * u < width ? load4(row + 4 * u) : make_float4(0.f, 0.f, 0.f, 0.f);
     a[4 * u + 0] = x.x;
     a[4 * u + 1] = x.y;
     a[4 * u + 2] = x.z;

@@ -55,13 +55,13 @@ __host__ __device__ inline int gather_chunks(const Params& P) {
 // ---- the planner's model of one block (plan.h) ----
 // Instruction costs in warp instructions, from scripts/sass_report.py at sm_90 (K=5, s=2; f32
 // rows 16-byte aligned): staging one 32-channel pixel row (16-byte cp.async: stage_padded 6.0,
-// stage_points_padded 6.5); one tap of a 32-channel q.k per thread (logits_unrolled 44.3); the
+// stage_points_padded 6.5); one tap of a 32-channel q.k per thread (logits_unrolled 43.7); the
 // assembly per centre, group of 4 sub-pixels, tap and 64-channel chunk (assemble_unrolled: 22.0
 // per item of 4 sub-pixels x 4 channels, 16 items a chunk = half a warp: 11.0); one point-tap
 // of the gather per group of 4 sub-pixels (8.6). The per-point normalisation and the scratch
 // gather are estimates (no report line).
 inline constexpr double kStageRowInstr = 6.3;
-inline constexpr double kLogitTapInstr = 44.3;
+inline constexpr double kLogitTapInstr = 43.7;
 inline constexpr double kAssembleTapInstr = 11.0;
 inline constexpr double kGatherTapInstr = 8.6;
 inline constexpr double kNormaliseTapInstr = 24.0;   // estimate, per point and tap
