@@ -38,6 +38,8 @@ matches the CUDA source, so a changed .cu can never be tested stale.
 """
 from __future__ import annotations
 
+import functools
+
 import pathlib
 import subprocess
 import sys
@@ -135,8 +137,15 @@ def run_emulated(emu, q, k, v, g, K, s, normalizer, border, eps):
 def reference(q, k, v, g, K, s, normalizer, border, eps):
     """float64 jnp out, dq, dk, dv; leading dims flattened into one batch axis."""
     flat = [jnp.asarray(a.reshape((-1,) + a.shape[-3:]).astype(np.float64)) for a in (q, k, v, g)]
+    return [np.asarray(a) for a in _reference_fn(K, s, normalizer, border, eps)(*flat)]
 
-    @jax.jit  # one compile beats op-by-op dispatch of the K*K patch ops by seconds per case
+
+@functools.lru_cache(maxsize=None)
+def _reference_fn(K, s, normalizer, border, eps):
+    """One jitted function per option set, so that the cases of one shape compile once (a
+    compile beats op-by-op dispatch of the K*K patch ops by seconds per case)."""
+
+    @jax.jit
     def out_and_grads(q, k, v, g):
         fn = lambda q, k, v: sapa_jax.sapa_upsample(  # noqa: E731
             q, k, v, kernel_size=K, scale=s, normalizer=normalizer, border=border, eps=eps,
@@ -144,7 +153,7 @@ def reference(q, k, v, g, K, s, normalizer, border, eps):
         out, vjp = jax.vjp(fn, q, k, v)
         return (out, *vjp(g))
 
-    return [np.asarray(a) for a in out_and_grads(*flat)]
+    return out_and_grads
 
 
 # (case, planner settings, path); path = expected plan:
