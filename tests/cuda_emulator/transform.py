@@ -25,7 +25,7 @@ DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;"
 # `name<T><<<grid, block, bytes, stream>>>(` -> `emu::launch(name<T>, emu::Cfg(...), `
 # (also `ns::name<T, K, S>`: the v2 kernels have compile-time K and s)
 LAUNCH = re.compile(r"((?:\w+::)*\w+\s*<[\w\s,:]*>)\s*<<<(.*?)>>>\s*\(", re.S)
-BARRIER = re.compile(r"\b(__syncthreads|__syncwarp|__pipeline_wait_prior)\((\d*)\)")
+BARRIER = re.compile(r"\b(__syncthreads|__syncwarp|__pipeline_wait_prior)\(\d*\)")
 
 
 class TransformMismatch(RuntimeError):

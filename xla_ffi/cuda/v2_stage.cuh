@@ -67,8 +67,15 @@ __device__ __forceinline__ void stage_group(float* dst, const float* src, bool i
     *reinterpret_cast<float4*>(dst) = make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
+// The vector loops' lane layout needs whole pixels per warp step: pad / kVec lanes per pixel
+// dividing 32 (pad is kChunk or kValueChunk).
+static_assert(32 % (kChunk / kVec) == 0 && 32 % (kValueChunk / kVec) == 0,
+              "v2 vector staging: a staged chunk must span a divisor of 32 lanes");
+
 // stage_padded's loops. Vector: lanes take groups of kVec channels and 32 / (pad / kVec)
-// pixels of a row at a time. Entries: lanes take channels, a row's pixels one by one.
+// pixels of a row at a time. Entries: lanes take channels, a row's pixels one by one. Two loops,
+// not one over a lane layout: each keeps its own source line, by which scripts/sass_report.py
+// tells the vector loop (the f32 preset's) from the fallback inlined beside it.
 __device__ __forceinline__ void stage_padded_vectors(float* dst, int stride, int pad,
                                                      const float* __restrict__ src,
                                                      int row_len, int c0, int width,
